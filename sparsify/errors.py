@@ -1,0 +1,38 @@
+"""User-facing errors: each carries one line naming the file, the field and what is allowed."""
+
+from __future__ import annotations
+
+
+class SparsifyError(Exception):
+    """A user mistake. `python -m` entry points print `error: <message>` and exit 2."""
+
+
+class ConfigError(SparsifyError):
+    """A config file or value is invalid."""
+
+
+class DataError(SparsifyError):
+    """Training or eval data is missing, unreadable or too small."""
+
+
+class HookNameError(SparsifyError):
+    """A hook name that the model does not have."""
+
+
+class MissingPackageError(SparsifyError):
+    """An optional package is needed; the message says how to install it."""
+
+
+class DivergedError(Exception):
+    """A loss became NaN or inf. Not a user mistake: the sweep records the trial as diverged.
+
+    Args:
+        step: the optimizer step at which it happened.
+        term: the loss term (or "total") that was not finite.
+    """
+
+    def __init__(self, step: int, term: str, value: float):
+        super().__init__(f"loss term {term!r} is {value} at step {step}")
+        self.step = step
+        self.term = term
+        self.value = value

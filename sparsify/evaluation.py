@@ -1,0 +1,201 @@
+"""Loss terms of one batch, and the held-out evaluation (DESIGN.md §4-5)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from sparsify import metric_names as names
+from sparsify import metrics
+from sparsify.config import LATER_RESID_PRE, LossConfig, TrainConfig
+from sparsify.data import iter_batches
+from sparsify.hooks import check_hook_names, later_resid_pre_hooks
+from sparsify.losses import logits_kl_loss, mse_loss, sparsity_loss
+from sparsify.sae_transformer import ForwardOutput, SAETransformer
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """What one training step must run: resolved in_to_orig hooks, and where to stop."""
+
+    loss: LossConfig
+    sae_positions: tuple[str, ...]
+    in_to_orig_hooks: tuple[str, ...]
+    stop_at_layer: int | None
+    """None: run to the logits; else stop after the last block the losses need."""
+
+    @property
+    def orig_capture(self) -> tuple[str, ...]:
+        at_saes = self.sae_positions if self.loss.out_to_orig is not None else ()
+        return at_saes + self.in_to_orig_hooks
+
+
+def make_loss_plan(model: SAETransformer, loss: LossConfig) -> LossPlan:
+    """Resolve the loss config against a model.
+
+    Raises:
+        HookNameError: an in_to_orig hook the model does not have.
+    """
+    hooks: tuple[str, ...] = ()
+    if loss.in_to_orig is not None:
+        if loss.in_to_orig.hook_positions == LATER_RESID_PRE:
+            hooks = tuple(later_resid_pre_hooks(model.sae_positions, model.n_layers))
+        else:
+            hooks = tuple(loss.in_to_orig.hook_positions)
+        check_hook_names(hooks, model.hook_names, "loss.in_to_orig.hook_positions")
+    stop = None if loss.needs_logits else model.stop_layer_for(model.sae_positions)
+    return LossPlan(loss, tuple(model.sae_positions), hooks, stop)
+
+
+def loss_terms(
+    model: SAETransformer, tokens: Tensor, plan: LossPlan, raw: ForwardOutput | None = None
+) -> tuple[dict[str, Tensor], ForwardOutput]:
+    """Unweighted values of every configured loss term for one batch (DESIGN.md §4).
+
+    Per-position terms are summed over SAE positions; in_to_orig is the mean over its hooks
+    (so `weighted_total` gives each hook total_coeff / n_hooks).
+
+    Args:
+        raw: the original model's output for these tokens (with `plan.orig_capture`), if
+            already computed; otherwise it is computed here when a term needs it.
+
+    Returns:
+        (terms keyed by term name, the SAE model's forward output).
+    """
+    loss = plan.loss
+    if raw is None and loss.needs_original_model:
+        raw = model.forward_raw(tokens, capture=plan.orig_capture, stop_at_layer=plan.stop_at_layer)
+    out = model.forward(tokens, capture=plan.in_to_orig_hooks, stop_at_layer=plan.stop_at_layer)
+    terms: dict[str, Tensor] = {}
+    zero = torch.zeros((), device=tokens.device)
+    for name in ("sparsity", "out_to_in", "out_to_orig"):
+        if getattr(loss, name) is not None:
+            terms[name] = zero
+    for hook, acts in out.sae_acts.items():
+        if loss.sparsity is not None:
+            terms["sparsity"] = terms["sparsity"] + sparsity_loss(
+                acts.codes, loss.sparsity.p_norm, acts.sae_in.shape[-1]
+            )
+        if loss.out_to_in is not None:
+            terms["out_to_in"] = terms["out_to_in"] + mse_loss(acts.sae_out, acts.sae_in)
+        if loss.out_to_orig is not None and raw is not None:
+            terms["out_to_orig"] = terms["out_to_orig"] + mse_loss(acts.sae_out, raw.acts[hook].float())
+    if loss.in_to_orig is not None and raw is not None:
+        per_hook = [mse_loss(out.acts[h].float(), raw.acts[h].float()) for h in plan.in_to_orig_hooks]
+        terms["in_to_orig"] = torch.stack(per_hook).mean() if per_hook else zero
+    if loss.logits_kl is not None and raw is not None:
+        terms["logits_kl"] = logits_kl_loss(raw.logits, out.logits)
+    return terms, out
+
+
+class MeanAccumulator:
+    """Weighted running means of named floats, all-reduced across ranks when distributed."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, values: dict[str, float], weight: float) -> None:
+        for key, value in values.items():
+            self.sums[key] += value * weight
+            self.weights[key] += weight
+
+    def means(self) -> dict[str, float]:
+        keys = sorted(self.sums)
+        if dist.is_available() and dist.is_initialized() and keys:
+            packed = torch.tensor([[self.sums[k], self.weights[k]] for k in keys], dtype=torch.float64)
+            dist.all_reduce(packed)
+            return {k: (s / w if w else math.nan) for k, (s, w) in zip(keys, packed.tolist())}
+        return {k: self.sums[k] / self.weights[k] for k in keys}
+
+
+def batch_sae_metrics(out: ForwardOutput) -> dict[str, float]:
+    """Per-position L0, fraction of zero codes and explained variance, plus L0 summed over
+    positions (metric_names: L0 aggregates are sums over SAE positions)."""
+    values: dict[str, float] = {names.L0: 0.0}
+    for hook, acts in out.sae_acts.items():
+        hook_l0 = metrics.l0(acts.codes)
+        values[names.L0] += hook_l0
+        values[names.per_hook(names.L0, hook)] = hook_l0
+        values[names.per_hook(names.FRAC_ZERO, hook)] = metrics.frac_zero(acts.codes)
+        values[names.per_hook(names.EXPLAINED_VARIANCE, hook)] = metrics.explained_variance(acts.sae_out, acts.sae_in)
+        values[names.per_hook(names.EXPLAINED_VARIANCE_LN, hook)] = metrics.explained_variance(
+            acts.sae_out, acts.sae_in, layer_norm=True
+        )
+    return values
+
+
+def _logit_metrics(tokens: Tensor, orig_logits: Tensor, sae_logits: Tensor) -> dict[str, float]:
+    ce_orig = metrics.ce_loss(orig_logits, tokens)
+    ce_sae = metrics.ce_loss(sae_logits, tokens)
+    return {
+        names.CE_ORIG: ce_orig,
+        names.CE_SAE: ce_sae,
+        names.CE_LOSS_INCREASE: ce_sae - ce_orig,
+        names.KL: metrics.kl_divergence(orig_logits, sae_logits),
+        names.TOP1_AGREEMENT: metrics.top1_agreement(orig_logits, sae_logits),
+        names.TOTAL_VARIATION: metrics.total_variation(orig_logits, sae_logits),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: SAETransformer, cfg: TrainConfig, tokenizer: Any, plan: LossPlan, rank: int = 0, world_size: int = 1
+) -> dict[str, float]:
+    """Eval metrics on the held-out stream, un-prefixed (DESIGN.md §5).
+
+    Over `eval_n_samples` sequences: CE of both models and the increase (nats/token), KL,
+    top-1 agreement, total variation, L0, explained variance, and each configured loss term.
+    Alive dictionary elements are counted over `act_frequency_n_tokens` tokens with a forward
+    that stops after the last SAE.
+    """
+    assert cfg.eval_data is not None
+    device = model.model_device
+    eval_plan = LossPlan(plan.loss, plan.sae_positions, plan.in_to_orig_hooks, stop_at_layer=None)
+    acc = MeanAccumulator()
+    for tokens in iter_batches(cfg.eval_data, tokenizer, cfg.batch_size, cfg.eval_n_samples // world_size or 1,
+                               "eval_n_samples", rank, world_size):
+        tokens = tokens.to(device)
+        raw = model.forward_raw(tokens, capture=eval_plan.orig_capture)
+        terms, out = loss_terms(model, tokens, eval_plan, raw=raw)
+        values = {names.loss_term(k): v.item() for k, v in terms.items()}
+        values.update(batch_sae_metrics(out))
+        values.update(_logit_metrics(tokens, raw.logits, out.logits))
+        acc.add(values, weight=tokens.shape[0])
+    result = acc.means()
+    result.update(count_alive(model, cfg, tokenizer, rank, world_size))
+    return result
+
+
+@torch.no_grad()
+def count_alive(
+    model: SAETransformer, cfg: TrainConfig, tokenizer: Any, rank: int = 0, world_size: int = 1
+) -> dict[str, float]:
+    """Alive dictionary elements per position (fired at least once) over
+    `act_frequency_n_tokens` eval tokens, and their sum over positions."""
+    assert cfg.eval_data is not None
+    n_ctx = cfg.eval_data.n_ctx
+    n_seqs = max(1, math.ceil(cfg.act_frequency_n_tokens / n_ctx / world_size))
+    stop = model.stop_layer_for(model.sae_positions)
+    counters = {h: metrics.FiringCounter(model.sae(h).n_dict, model.model_device) for h in model.sae_positions}
+    batches: Iterable[Tensor] = iter_batches(
+        cfg.eval_data, tokenizer, cfg.batch_size, n_seqs, "act_frequency_n_tokens", rank, world_size
+    )
+    for tokens in batches:
+        out = model.forward(tokens.to(model.model_device), stop_at_layer=stop)
+        for hook, acts in out.sae_acts.items():
+            counters[hook].update(acts.codes)
+    result: dict[str, float] = {}
+    for hook, counter in counters.items():
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counter.counts)
+        result[names.per_hook(names.ALIVE, hook)] = counter.alive()
+    result[names.ALIVE] = sum(result.values())
+    return result

@@ -1,0 +1,77 @@
+"""One `log(metrics, step)` over TensorBoard, W&B, or nothing (a null object)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from sparsify.errors import MissingPackageError
+
+logger = logging.getLogger(__name__)
+
+
+class Tracker:
+    """Null tracker: the loop calls `log` and `close` without asking what is on."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardTracker(Tracker):
+    def __init__(self, logdir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(logdir))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker(Tracker):
+    def __init__(self, project: str, run_name: str, config: dict[str, Any]):
+        try:
+            import wandb
+        except ImportError:
+            raise MissingPackageError("wandb_project is set but wandb is not installed: pip install wandb") from None
+        self.run = wandb.init(project=project, name=run_name, config=config)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MultiTracker(Tracker):
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log(metrics, step)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def make_tracker(
+    run_dir: Path | None, tensorboard: bool, wandb_project: str | None, run_name: str, config: dict[str, Any]
+) -> Tracker:
+    """The tracker a config asks for (rank 0 only; other ranks get the null tracker)."""
+    trackers: list[Tracker] = []
+    if tensorboard and run_dir is not None:
+        trackers.append(TensorBoardTracker(run_dir / "tensorboard"))
+    if wandb_project:
+        trackers.append(WandbTracker(wandb_project, run_name, config))
+    return MultiTracker(trackers) if trackers else Tracker()

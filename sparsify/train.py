@@ -1,0 +1,43 @@
+"""`python -m sparsify.train config.yaml`: train SAEs from one config file, no Ray needed.
+
+Writes the SAE weights (safetensors), the resolved config and the final metrics into the run
+folder and prints the folder and the headline metrics. User mistakes print `error: ...` and
+exit 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from sparsify.config import load_config
+from sparsify.errors import SparsifyError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparsify.train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="training config YAML")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config)
+        from sparsify.trainer import train
+
+        result = train(cfg)
+    except SparsifyError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    headline = {k: v for k, v in result.metrics.items() if k.startswith("eval/") and "/blocks" not in k}
+    print(json.dumps(headline, indent=2, sort_keys=True))
+    if result.run_dir is not None:
+        print(f"run folder: {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

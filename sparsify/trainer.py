@@ -1,0 +1,252 @@
+"""`train(cfg)`: the SAE training loop. Knows nothing of Ray: it takes a `report` callback."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from sparsify import metric_names as names
+from sparsify.checkpoint import save_run
+from sparsify.config import TrainConfig
+from sparsify.data import iter_batches
+from sparsify.errors import ConfigError, DivergedError
+from sparsify.evaluation import LossPlan, batch_sae_metrics, evaluate, loss_terms, make_loss_plan
+from sparsify.losses import weighted_total
+from sparsify.model_loading import load_tlens_model, resolve_device
+from sparsify.sae_transformer import SAETransformer
+from sparsify.schedule import lr_factor
+from sparsify.tracking import Tracker, make_tracker
+
+logger = logging.getLogger(__name__)
+
+ReportFn = Callable[[dict[str, float], "Path | None"], None]
+"""`report(metrics, run_dir_or_None)`: called on every rank after each eval (same count on
+every rank); `run_dir` is given when a checkpoint was just written there."""
+
+
+def _no_report(metrics: dict[str, float], run_dir: Path | None) -> None:
+    pass
+
+
+@dataclass
+class TrainState:
+    """What changes during a run (the config never does)."""
+
+    step: int = 0
+    samples_seen: int = 0
+    last_log_step: int = 0
+    start_time: float = field(default_factory=time.perf_counter)
+
+    def tokens_seen(self, n_ctx: int) -> int:
+        return self.samples_seen * n_ctx
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path | None
+    metrics: dict[str, float]
+    """Final metrics, prefixed (`eval/L0`, `train/loss`, ...)."""
+    model: SAETransformer
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    """`blocks-6-hook_resid_pre_ratio4_sparsity1.5_logits_kl1_seed0`: positions, ratio, coeffs."""
+    positions = "+".join(p.replace(".", "-") for p in cfg.saes.sae_positions)
+    coeffs = "_".join(f"{k}{v:g}" for k, v in cfg.loss.coeffs().items() if v)
+    return f"{positions}_ratio{cfg.saes.dict_size_to_input_ratio:g}_{coeffs}_seed{cfg.seed}"
+
+
+def run_dir_for(cfg: TrainConfig) -> Path | None:
+    """The one place a run folder path is built: save_dir / run_name."""
+    if cfg.save_dir is None:
+        return None
+    return Path(cfg.save_dir) / (cfg.run_name or default_run_name(cfg))
+
+
+def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransformer:
+    """Load the frozen language model (unless given) and add freshly initialized SAEs, seeded
+    by `cfg.seed`.
+
+    Raises:
+        ConfigError: an unloadable model, or data n_ctx above the model's context.
+        HookNameError: an SAE position the model does not have.
+    """
+    if tlens_model is None:
+        tlens_model = load_tlens_model(cfg.model_name, resolve_device(cfg.device), cfg.model_dtype)
+    torch.manual_seed(cfg.seed)
+    model = SAETransformer(tlens_model, cfg.saes.sae_positions, cfg.saes.dict_size_to_input_ratio)
+    for field_name in ("train_data", "eval_data"):
+        data = getattr(cfg, field_name)
+        if data is not None and data.n_ctx > model.n_ctx:
+            raise ConfigError(
+                f"{field_name}.n_ctx: {data.n_ctx} exceeds the model's context of {model.n_ctx} tokens"
+            )
+    return model
+
+
+def train(
+    cfg: TrainConfig,
+    report: ReportFn = _no_report,
+    tlens_model: Any | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train the SAEs of `cfg` on its data; eval and save at the end (DESIGN.md §4-5).
+
+    With `torch.distributed` initialized, gradients are averaged over ranks, each rank reads a
+    disjoint shard of the data (so `batch_size` is per rank), and eval metrics are all-reduced;
+    rank 0 logs and saves.
+
+    Raises:
+        ConfigError, DataError, HookNameError: user mistakes (one line each).
+        DivergedError: a NaN/inf loss, naming the step and term.
+    """
+    model = build_model(cfg, tlens_model)
+    plan = make_loss_plan(model, cfg.loss)
+    tokenizer = model.tlens_model.tokenizer
+    device = model.model_device
+    is_main = rank == 0
+    run_dir = run_dir_for(cfg) if is_main else None
+    tracker = make_tracker(run_dir, cfg.tensorboard, cfg.wandb_project, run_dir.name if run_dir else "",
+                           cfg.model_dump(mode="json")) if is_main else Tracker()
+    optimizer = torch.optim.Adam(model.saes.parameters(), lr=cfg.lr)
+    state = TrainState()
+    n_ctx = cfg.train_data.n_ctx
+    batches = iter_batches(cfg.train_data, tokenizer, cfg.batch_size, cfg.n_samples // world_size,
+                           "n_samples", rank, world_size)
+    progress = tqdm(total=cfg.n_samples * n_ctx, unit="tok", unit_scale=True, desc="train",
+                    disable=not (is_main and show_progress), dynamic_ncols=True)
+    window = TrainWindow()
+    for micro_step, tokens in enumerate(batches):
+        terms, out = loss_terms(model, tokens.to(device), plan)
+        total = weighted_total(terms, cfg.loss)
+        _check_finite(total, terms, state.step)
+        (total / cfg.grad_accum_steps).backward()
+        window.add(terms, total, out, tokens.numel() * world_size)
+        state.samples_seen += tokens.shape[0] * world_size
+        progress.update(tokens.numel() * world_size)
+        if (micro_step + 1) % cfg.grad_accum_steps:
+            continue
+        grad_norm = _optimizer_step(model, optimizer, cfg, state.step)
+        state.step += 1
+        due = _due(cfg, state)
+        if due.log:
+            train_metrics = window.flush(grad_norm, optimizer.param_groups[0]["lr"], state)
+            tracker.log(train_metrics, state.step)
+            progress.set_postfix(loss=f"{train_metrics['train/loss']:.4g}",
+                                 L0=f"{train_metrics[names.prefixed(names.TRAIN, names.L0)]:.1f}",
+                                 tok_s=f"{train_metrics[names.prefixed(names.TRAIN, names.TOKENS_PER_S)]:.0f}")
+        if due.eval and cfg.eval_data is not None:
+            eval_metrics = _prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size))
+            tracker.log(eval_metrics, state.step)
+            report(eval_metrics, None)
+        if due.save and run_dir is not None:
+            save_run(run_dir, model.saes.state_dict(), cfg, {}, _train_state(optimizer, state))
+    progress.close()
+    final = window.flush(None, optimizer.param_groups[0]["lr"], state) if window.n_tokens else {}
+    if cfg.eval_data is not None:
+        final.update(_prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size)))
+    final[names.prefixed(names.TRAIN, names.TOKENS_SEEN)] = state.tokens_seen(n_ctx)
+    tracker.log(final, state.step)
+    tracker.close()
+    if run_dir is not None:
+        save_run(run_dir, model.saes.state_dict(), cfg, final, _train_state(optimizer, state))
+        logger.info("saved SAEs, config and metrics to %s", run_dir)
+    report(final, run_dir)
+    return TrainResult(run_dir=run_dir, metrics=final, model=model)
+
+
+class TrainWindow:
+    """Training metrics averaged since the last log."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n_batches = 0
+        self.n_tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], total: torch.Tensor, out: Any, n_tokens: int) -> None:
+        values = {names.loss_term(k): v.item() for k, v in terms.items()}
+        values[names.LOSS] = total.item()
+        values.update(batch_sae_metrics(out))
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.n_batches += 1
+        self.n_tokens += n_tokens
+
+    def flush(self, grad_norm: float | None, lr: float, state: TrainState) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        values = {k: v / max(self.n_batches, 1) for k, v in self.sums.items()}
+        values[names.LR] = lr
+        values[names.TOKENS_PER_S] = self.n_tokens / elapsed
+        if grad_norm is not None:
+            values[names.GRAD_NORM] = grad_norm
+        self.__init__()  # type: ignore[misc]
+        return _prefixed(names.TRAIN, values)
+
+
+@dataclass(frozen=True)
+class Due:
+    log: bool
+    eval: bool
+    save: bool
+
+
+def _crossed(every: int | None, before: int, after: int) -> bool:
+    return every is not None and after // every > before // every
+
+
+def _due(cfg: TrainConfig, state: TrainState) -> Due:
+    last = state.step == cfg.n_grad_steps
+    before = state.samples_seen - cfg.samples_per_step
+    return Due(
+        log=state.step % cfg.log_every_n_grad_steps == 0 and not last,
+        eval=_crossed(cfg.eval_every_n_samples, before, state.samples_seen) and not last,
+        save=_crossed(cfg.save_every_n_samples, before, state.samples_seen) and not last,
+    )
+
+
+def _optimizer_step(model: SAETransformer, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> float:
+    params = [p for p in model.saes.parameters() if p.grad is not None]
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    factor = lr_factor(step, cfg.n_grad_steps, cfg.lr_schedule,
+                       cfg.warmup_samples // cfg.samples_per_step, cfg.cooldown_samples // cfg.samples_per_step,
+                       cfg.min_lr_factor)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * factor
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _check_finite(total: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> None:
+    if torch.isfinite(total):
+        return
+    for name, value in terms.items():
+        if not torch.isfinite(value):
+            raise DivergedError(step, name, value.item())
+    raise DivergedError(step, "total", total.item())
+
+
+def _prefixed(split: str, values: dict[str, float]) -> dict[str, float]:
+    return {names.prefixed(split, k): v for k, v in values.items()}
+
+
+def _train_state(optimizer: torch.optim.Optimizer, state: TrainState) -> dict[str, Any]:
+    return {"optimizer": optimizer.state_dict(), "step": state.step, "samples_seen": state.samples_seen}

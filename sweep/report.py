@@ -1,0 +1,240 @@
+"""`python -m sweep.report <sweep folder>`: CSV tables, frontier plots and a markdown report.
+
+Reads the results table (`sweep.results.load_results`) and writes, into
+`<sweep_dir>/report/`: `trials.csv`, `frontier_<arm>.csv`, `frontier_l0.png`,
+`frontier_alive.png` and `report.md` (DESIGN.md §8). No Ray, no torch; plots use
+matplotlib's Agg canvas directly, so importing this module changes no global backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sparsify.metric_names import EVAL_ALIVE, EVAL_CE_LOSS_INCREASE, EVAL_L0
+from sweep.pareto import frontiers, hypervolume_2d, l0_ratio_at_matched_ce, shared_reference_point
+from sweep.results import PARAM_PREFIX, STATUSES, finished, load_results
+
+logger = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+NUMERATOR_ARM, DENOMINATOR_ARM = "local", "e2e"
+CE_LABEL = "eval CE loss increase (nats/token)"
+VIEWS = {
+    # file stem -> (x column, x-axis label)
+    "frontier_l0": (EVAL_L0, "eval L0 (active dictionary elements per token)"),
+    "frontier_alive": (EVAL_ALIVE, "eval alive dictionary elements"),
+}
+
+
+class ReportError(Exception):
+    """A report cannot be built from the given folder (missing, or no trial records)."""
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path next to `path`; on success move it over `path` with `os.replace`."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp_name)
+        os.replace(tmp_name, path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    with _atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _cell(value: object) -> str:
+    """One markdown table cell: 4 significant digits for floats, "n/a" for missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(df: pd.DataFrame, headers: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured markdown table of `df` (no index), without `tabulate`.
+
+    Args:
+        df: The rows to show.
+        headers: Column titles; by default the column names.
+
+    Returns:
+        The table as lines ending in a newline.
+    """
+    headers = list(df.columns) if headers is None else list(headers)
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_view(path: Path, trials: pd.DataFrame, fronts: Mapping[str, pd.DataFrame], arms: Sequence[str],
+               x: str, x_label: str) -> None:
+    """One frontier plot: finished trials faint, each arm's frontier as a line (DESIGN.md §8)."""
+    fig = Figure(figsize=(7, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    any_positive_x = False
+    for i, arm in enumerate(arms):
+        color = f"C{i % 10}"
+        points = trials[trials["arm"] == arm]
+        ax.scatter(points[x], points[EVAL_CE_LOSS_INCREASE], color=color, alpha=0.3, s=24, linewidths=0)
+        front = fronts.get(arm, points.iloc[0:0])
+        ax.plot(front[x], front[EVAL_CE_LOSS_INCREASE], color=color, marker="o", label=f"{arm} frontier")
+        any_positive_x |= bool((pd.to_numeric(points[x], errors="coerce") > 0).any())
+    if any_positive_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(CE_LABEL)
+    ax.grid(True, alpha=0.3)
+    if arms:
+        ax.legend()
+    # fixed margins: tight_layout would draw the figure twice
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.11, top=0.97)
+    with _atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
+def _counts_table(df: pd.DataFrame) -> pd.DataFrame:
+    counts = pd.crosstab(df["arm"], df["status"]).reindex(columns=list(STATUSES), fill_value=0)
+    counts["total"] = df.groupby("arm").size()
+    return counts.reset_index()
+
+
+def _frontier_section(arm: str, front: pd.DataFrame) -> str:
+    columns = ["trial_id", EVAL_L0, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE]
+    params = [c for c in front.columns if c.startswith(PARAM_PREFIX)]
+    headers = ["trial_id", "L0", "alive", "CE increase (nats/token)"] + params
+    if front.empty:
+        return f"### {arm}\n\nNo finished trial.\n"
+    return f"### {arm}\n\n" + markdown_table(front[columns + params], headers)
+
+
+def _ratio_section(fronts: Mapping[str, pd.DataFrame]) -> str:
+    title = f"## L0 ratio {NUMERATOR_ARM}/{DENOMINATOR_ARM} at matched CE loss increase\n\n"
+    if NUMERATOR_ARM not in fronts or DENOMINATOR_ARM not in fronts:
+        return title + (f"Needs finished trials of both arms {NUMERATOR_ARM!r} and {DENOMINATOR_ARM!r} "
+                        f"(found: {', '.join(sorted(fronts)) or 'none'}).\n")
+    ratios = l0_ratio_at_matched_ce(fronts, NUMERATOR_ARM, DENOMINATOR_ARM)
+    if ratios.empty:
+        return title + "The two frontiers' CE loss increase ranges do not overlap.\n"
+    intro = "L0 interpolated along each frontier, linear in log L0 (DESIGN.md §8).\n\n"
+    headers = ["CE increase (nats/token)", f"L0 {NUMERATOR_ARM}", f"L0 {DENOMINATOR_ARM}", "ratio"]
+    return title + intro + markdown_table(ratios, headers)
+
+
+def _hypervolume_section(trials: pd.DataFrame, arms: Sequence[str]) -> str:
+    lines = ["## Hypervolume\n\n", "Area dominated by each arm's frontier, minimizing both axes, against one "
+             "reference point shared by all arms: 1.1 x the maximum over all finished trials on each axis.\n\n"]
+    by_arm = {arm: trials[trials["arm"] == arm] for arm in arms}
+    table = pd.DataFrame({"arm": list(arms)})
+    for x, _ in VIEWS.values():
+        try:
+            ref = shared_reference_point(by_arm, x, EVAL_CE_LOSS_INCREASE)
+        except ValueError:
+            lines.append(f"- {x} view: no finished trial has both values.\n")
+            continue
+        lines.append(f"- {x} view: reference point ({x} = {ref[0]:.4g}, CE increase = {ref[1]:.4g})\n")
+        table[f"hypervolume, {x} view"] = [hypervolume_2d(by_arm[arm], x, EVAL_CE_LOSS_INCREASE, ref) for arm in arms]
+    return "".join(lines) + "\n" + markdown_table(table)
+
+
+def build_report(sweep_dir: str | os.PathLike[str]) -> Path:
+    """Write the CSVs, plots and markdown report of a sweep (DESIGN.md §8).
+
+    Args:
+        sweep_dir: The sweep's folder (holding `trials/<arm>/<trial_id>.json`).
+
+    Returns:
+        The path of `<sweep_dir>/report/report.md`.
+
+    Raises:
+        ReportError: If the folder does not exist or holds no readable trial record.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ReportError(f"sweep folder not found: {sweep_dir}")
+    df = load_results(sweep_dir)
+    if df.empty:
+        raise ReportError(f"no trial records under {sweep_dir / 'trials'}")
+    for column in (EVAL_L0, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE):
+        if column not in df.columns:
+            df[column] = float("nan")
+    arms = sorted(df["arm"].unique())
+    done = finished(df)
+    fronts = frontiers(done, EVAL_L0, EVAL_CE_LOSS_INCREASE)
+    alive_done = finished(df, (EVAL_ALIVE, EVAL_CE_LOSS_INCREASE))
+    alive_fronts = frontiers(alive_done, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE)
+
+    out = sweep_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "trials.csv", df)
+    for arm in arms:
+        _write_csv(out / f"frontier_{arm}.csv", fronts.get(arm, df.iloc[0:0]))
+    _plot_view(out / "frontier_l0.png", done, fronts, arms, *VIEWS["frontier_l0"])
+    _plot_view(out / "frontier_alive.png", alive_done, alive_fronts, arms, *VIEWS["frontier_alive"])
+
+    name = sweep_dir.resolve().name
+    sections = [
+        f"# Sweep report: {name}\n\n{len(df)} trials in `{sweep_dir}`; frontiers use finished trials only.\n",
+        "## Trials per arm\n\n" + markdown_table(_counts_table(df)),
+        "## Frontiers: L0 vs CE loss increase\n\n![L0 vs CE loss increase](frontier_l0.png)\n",
+        *(_frontier_section(arm, fronts.get(arm, df.iloc[0:0])) for arm in arms),
+        "## Alive dictionary elements vs CE loss increase\n\n"
+        "![alive elements vs CE loss increase](frontier_alive.png)\n",
+        _ratio_section(fronts),
+        # each view keeps its own finite points (hypervolume_2d drops NaN per view)
+        _hypervolume_section(df[df["status"] == "finished"], arms),
+    ]
+    report_path = out / "report.md"
+    _write_text(report_path, "\n".join(sections))
+    logger.info("wrote report %s", report_path)
+    return report_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m sweep.report <sweep folder>`: build the report and print its path.
+
+    Args:
+        argv: Command-line arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        0 on success; 2 after printing a one-line `error: ...` to stderr.
+    """
+    parser = argparse.ArgumentParser(prog="python -m sweep.report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="the sweep's folder (holding trials/)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        report_path = build_report(args.sweep_dir)
+    except (ReportError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

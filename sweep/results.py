@@ -1,0 +1,183 @@
+"""Stored trial records -> one results table (DESIGN.md §7, §8).
+
+Every trial of a sweep, finished or not, leaves one JSON record at
+`<sweep_dir>/trials/<arm>/<trial_id>.json`::
+
+    {"arm": "local", "trial_id": "local_00003",
+     "status": "finished" | "diverged" | "error" | "stopped",
+     "params": {"loss.sparsity.coeff": 0.5, ...},
+     "metrics": {"eval/L0": 12.3, "eval/ce_loss_increase": 0.21, ...},
+     "error": null | "one line", "wall_time_s": 123.4}
+
+`load_results` turns the records into one pandas DataFrame, one row per trial; `finished`
+keeps the rows a frontier may be built from. Torch-free and Ray-free on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sparsify.metric_names import DEFAULT_OBJECTIVES
+
+logger = logging.getLogger(__name__)
+
+TRIALS_DIR = "trials"
+PARAM_PREFIX = "param:"
+FIXED_COLUMNS = ("arm", "trial_id", "status", "error", "wall_time_s")
+STATUSES = ("finished", "diverged", "stopped", "error")
+"""The statuses a trial record may carry; only `finished` trials enter a frontier."""
+
+
+def trial_record_path(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> Path:
+    """The one place a trial record's path is built.
+
+    Args:
+        sweep_dir: The sweep's folder.
+        arm: The arm (SAE type) the trial belongs to, e.g. "local" or "e2e".
+        trial_id: The trial's id, e.g. "local_00003".
+
+    Returns:
+        `<sweep_dir>/trials/<arm>/<trial_id>.json`.
+
+    Raises:
+        ValueError: If `arm` or `trial_id` is empty, contains a path separator or starts
+            with "." (such names would escape the folder or look like temp files).
+    """
+    for what, name in (("arm", arm), ("trial_id", trial_id)):
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"{what} must be a plain name without '/' or a leading '.' (got {name!r})")
+    return Path(sweep_dir) / TRIALS_DIR / arm / f"{trial_id}.json"
+
+
+def write_trial_record(sweep_dir: str | os.PathLike[str], record: dict[str, Any]) -> Path:
+    """Write one trial record atomically (temp file in the same folder, then `os.replace`).
+
+    A crash mid-write leaves at most a temp file whose name starts with ".", which
+    `load_results` ignores; a reader never sees half a record.
+
+    Args:
+        sweep_dir: The sweep's folder.
+        record: The record (see the module docstring); needs at least "arm", "trial_id" and
+            "status".
+
+    Returns:
+        The record's path, from `trial_record_path`.
+
+    Raises:
+        ValueError: If a required key is missing or the names are not plain names.
+    """
+    missing = [key for key in ("arm", "trial_id", "status") if key not in record]
+    if missing:
+        raise ValueError(f"trial record is missing {', '.join(missing)}")
+    path = trial_record_path(sweep_dir, record["arm"], record["trial_id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """One record as a flat row, or None (with a warning) when it cannot be used."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("skipping unreadable trial record %s: %s", path, exc)
+        return None
+    if not isinstance(record, dict) or "status" not in record:
+        logger.warning("skipping trial record %s: not an object with a 'status'", path)
+        return None
+    metrics = record.get("metrics") or {}
+    params = record.get("params") or {}
+    if not isinstance(metrics, dict) or not isinstance(params, dict):
+        logger.warning("skipping trial record %s: 'metrics' and 'params' must be objects", path)
+        return None
+    row: dict[str, Any] = {**metrics, **{f"{PARAM_PREFIX}{key}": value for key, value in params.items()}}
+    # the fixed fields last, so no metric key can shadow them; the path is built from arm
+    # and trial_id, so it is the fallback for both
+    row.update(
+        arm=record.get("arm", path.parent.name),
+        trial_id=record.get("trial_id", path.stem),
+        status=record["status"],
+        error=record.get("error"),
+        wall_time_s=record.get("wall_time_s"),
+    )
+    return row
+
+
+def load_results(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read every stored trial record of a sweep into one table.
+
+    Files whose names start with "." (temp files of an interrupted write) are ignored;
+    unreadable or corrupt records are skipped with a logged warning.
+
+    Args:
+        sweep_dir: The sweep's folder (holding `trials/<arm>/<trial_id>.json`).
+
+    Returns:
+        One row per trial, sorted by arm then trial_id. Columns: `arm`, `trial_id`,
+        `status`, `error`, `wall_time_s`, then each metric key as stored (e.g. "eval/L0"),
+        then each searched parameter as "param:<dotted path>". Metrics or params a trial
+        did not record are NaN. A sweep without records gives an empty table that still
+        has the fixed columns.
+
+    Raises:
+        FileNotFoundError: If `sweep_dir` does not exist or is not a folder.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep folder not found: {sweep_dir}")
+    rows = []
+    for path in sorted((sweep_dir / TRIALS_DIR).glob("*/*.json")):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        row = _read_record(path)
+        if row is not None:
+            rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=list(FIXED_COLUMNS))
+    df = pd.DataFrame(rows)
+    extra = [c for c in df.columns if c not in FIXED_COLUMNS]
+    metric_cols = sorted(c for c in extra if not c.startswith(PARAM_PREFIX))
+    param_cols = sorted(c for c in extra if c.startswith(PARAM_PREFIX))
+    df = df[list(FIXED_COLUMNS) + metric_cols + param_cols]
+    df["wall_time_s"] = pd.to_numeric(df["wall_time_s"], errors="coerce")
+    return df.sort_values(["arm", "trial_id"], kind="stable").reset_index(drop=True)
+
+
+def finished(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> pd.DataFrame:
+    """The trials a frontier may be built from (DESIGN.md §8, §9: stopped trials carry
+    half-trained values and are left out).
+
+    Args:
+        df: A table from `load_results`.
+        objectives: Metric columns that must be finite; by default eval L0 and eval CE-loss
+            increase.
+
+    Returns:
+        The rows with status "finished" whose objective values are all finite numbers. A
+        missing objective column means no row qualifies.
+    """
+    keep = df["status"] == "finished"
+    for column in objectives:
+        if column not in df.columns:
+            return df.iloc[0:0]
+        values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=float)
+        keep &= np.isfinite(values)
+    return df[keep]
+

@@ -1,0 +1,212 @@
+"""`python -m sweep.run search_space.yaml`: one Optuna study per SAE type through Ray Tune.
+
+Each arm (SAE type) gets its own multi-objective Optuna study (default objectives: eval L0 and
+eval CE-loss increase, both minimized) and the same trial budget; each trial is a Ray Train
+`TorchTrainer` (see `sweep.trial`). Results land in `<storage_path>/<name>/`; rerunning the
+same command resumes an interrupted sweep. At the end the frontier report is written
+(`sweep.report`). `--dry-run` validates the file and prints the trials without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sparsify.errors import SparsifyError
+from sweep.space import Distribution, LoadedSpace, load_search_space
+
+logger = logging.getLogger(__name__)
+
+# Ray settings that must be in the environment before `import ray` reaches the workers
+RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+
+def sweep_folder(storage_path: str, name: str) -> Path:
+    """The one place a sweep's folder path is built: storage_path / name (absolute)."""
+    return (Path(storage_path).expanduser() / name).resolve()
+
+
+def to_tune(dist: Distribution) -> Any:
+    """A search-space distribution as a Ray Tune sampler (OptunaSearch converts it)."""
+    from ray import tune
+
+    if dist.type == "loguniform":
+        return tune.loguniform(dist.low, dist.high)
+    if dist.type == "uniform":
+        return tune.uniform(dist.low, dist.high)
+    if dist.type == "int":
+        return tune.randint(int(dist.low), int(dist.high) + 1)  # type: ignore[arg-type]
+    return tune.choice(list(dist.values or []))
+
+
+def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
+    """Print every arm's fixed settings and `num_samples` sampled trial configs (validated)."""
+    space = loaded.space
+    print(f"sweep {space.name}: {len(space.arms)} arms x {num_samples} trials; objectives "
+          f"{', '.join(f'{o.metric} ({o.mode})' for o in space.objectives)}")
+    for arm_name, arm in space.arms.items():
+        searched = ", ".join(f"{p} ~ {d.type}" for p, d in arm.search.items()) or "nothing"
+        print(f"\narm {arm_name}: searches {searched}")
+        for i, params in enumerate(loaded.sample_trials(arm_name, num_samples)):
+            cfg = loaded.trial_config(arm_name, params)
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+            print(f"  trial {i}: {shown or '(no searched parameters)'} | loss {cfg.loss.coeffs()} "
+                  f"| {cfg.n_samples} samples x {cfg.train_data.n_ctx} tokens | model {cfg.model_name}")
+
+
+def start_ray() -> Any:
+    """Connect to a running cluster (RAY_ADDRESS, as under `ray job submit`) or start a local
+    one with the dashboard on loopback."""
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    if os.environ.get("RAY_ADDRESS"):
+        return ray.init(log_to_driver=True)
+    return ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def check_resources(loaded: LoadedSpace) -> None:
+    """Fail fast when one trial asks for more than the whole cluster has (it would hang)."""
+    import ray
+
+    res = loaded.space.resources
+    total = ray.cluster_resources()
+    need_cpu = res.num_workers * res.cpus_per_worker
+    need_gpu = res.num_workers * res.gpus_per_worker
+    if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0):
+        raise SparsifyError(
+            f"{loaded.source}: resources: one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs; the Ray "
+            f"cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs"
+        )
+
+
+def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: int) -> Any:
+    """The Tuner of one arm: its own Optuna study (journal file under `optuna/`), resumed from
+    the sweep folder when an earlier run of it was interrupted."""
+    import optuna
+    from ray import tune
+
+    from sweep.trial import ARM_KEY, FailNonFiniteOptunaSearch, run_trial
+
+    space = loaded.space
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, space=loaded, sweep_dir=str(sweep_dir)),
+        # the driver function holds (almost) nothing; the Train workers hold the CPUs/GPUs
+        {"cpu": 0, "memory": 2**20},
+    )
+    experiment = sweep_dir / "ray_tune" / arm_name
+    if tune.Tuner.can_restore(str(experiment)):
+        logger.info("resuming arm %s from %s", arm_name, experiment)
+        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    journal = sweep_dir / "optuna" / f"{arm_name}.journal"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.create_study(storage=storage, study_name=arm_name, load_if_exists=True,
+                                directions=["minimize" if m == "min" else "maximize" for m in space.modes])
+    study.set_metric_names(space.metrics)
+    searcher = FailNonFiniteOptunaSearch(metric=space.metrics, mode=space.modes, seed=space.seed,
+                                         storage=storage, study_name=arm_name)
+    param_space = {ARM_KEY: arm_name, **{p: to_tune(d) for p, d in space.arms[arm_name].search.items()}}
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
+                                    max_concurrent_trials=space.max_concurrent_trials,
+                                    trial_dirname_creator=lambda trial: f"{arm_name}_{trial.trial_id}"),
+        run_config=tune.RunConfig(name=arm_name, storage_path=str(sweep_dir / "ray_tune"), verbose=1),
+    )
+
+
+def record_errors(results: Any, arm_name: str, sweep_dir: Path) -> None:
+    """Write a trial record for every trial that errored (finished ones wrote their own)."""
+    from sweep.results import trial_record_path, write_trial_record
+
+    for result in results:
+        if result.error is None:
+            continue
+        trial_id = Path(result.path).name.removeprefix(f"{arm_name}_")
+        if trial_record_path(sweep_dir, arm_name, trial_id).exists():
+            continue
+        params = {k: v for k, v in (result.config or {}).items() if k != "arm"}
+        message = str(result.error).strip().splitlines()
+        write_trial_record(sweep_dir, {"arm": arm_name, "trial_id": trial_id, "status": "error",
+                                       "params": params, "metrics": {},
+                                       "error": message[-1] if message else type(result.error).__name__,
+                                       "wall_time_s": None})
+
+
+def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
+    """Run every arm's trials, then write and return the report (`sweep.report`)."""
+    from sparsify import prepare
+    from sweep.report import build_report
+
+    first_arm = next(iter(loaded.space.arms))
+    example = loaded.trial_config(first_arm, loaded.sample_trials(first_arm, 1)[0])
+    start = time.perf_counter()
+    print(f"preparing model {example.model_name} and data (cached after the first run) ...", flush=True)
+    prepare(example)
+    context = start_ray()
+    check_resources(loaded)
+    dashboard = getattr(context, "dashboard_url", None)
+    if dashboard:
+        print(f"Ray dashboard: http://{dashboard}", flush=True)
+    for arm_name in loaded.space.arms:
+        print(f"\n=== arm {arm_name}: {num_samples} trials ===", flush=True)
+        results = arm_tuner(loaded, arm_name, sweep_dir, num_samples).fit()
+        record_errors(results, arm_name, sweep_dir)
+    report = build_report(sweep_dir)
+    print(f"\nsweep finished in {time.perf_counter() - start:.0f} s", flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sweep.run", description=__doc__.splitlines()[0])
+    parser.add_argument("search_space", help="search-space YAML (see search_spaces/)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the trials; train nothing")
+    parser.add_argument("--num-samples", type=int, help="trials per arm (overrides the file)")
+    parser.add_argument("--storage", help="storage folder (overrides storage_path)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted sweep (also automatic when its folder exists)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        loaded = load_search_space(args.search_space)
+        num_samples = args.num_samples or loaded.space.num_samples
+        if num_samples < 1:
+            raise SparsifyError(f"--num-samples: must be >= 1 (got {num_samples})")
+        if args.dry_run:
+            dry_run(loaded, num_samples)
+            return 0
+        sweep_dir = sweep_folder(args.storage or loaded.space.storage_path, loaded.space.name)
+        if args.resume and not sweep_dir.exists():
+            raise SparsifyError(f"--resume: no sweep folder {sweep_dir} to resume")
+        print(f"sweep folder: {sweep_dir}", flush=True)
+        print(f"TensorBoard: tensorboard --logdir {sweep_dir / 'runs'}", flush=True)
+        report = run_sweep(loaded, sweep_dir, num_samples)
+    except SparsifyError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Search-space files (DESIGN.md §7): schema, validation, and expansion into trial configs.
+
+A search space names a base training config, one or more SAE types ("arms") each with its own
+loss terms and searched parameters (dotted paths into the training config), the objectives,
+the trial budget per arm, the resources per trial, and where results are stored. Every arm's
+configs are validated as `TrainConfig`s before any trial starts, so a typo fails at load time.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sparsify import metric_names as names
+from sparsify.config import TrainConfig, read_yaml, validate_config
+from sparsify.errors import ConfigError
+
+PRODUCED_EVAL_METRICS = (
+    names.EVAL_L0, names.EVAL_CE_LOSS_INCREASE, names.EVAL_ALIVE, names.EVAL_KL,
+    names.EVAL_CE_SAE, names.prefixed(names.EVAL, names.TOP1_AGREEMENT),
+    names.prefixed(names.EVAL, names.TOTAL_VARIATION),
+)
+"""Metrics every trial reports, so objectives may name them."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class Distribution(StrictModel):
+    type: Literal["loguniform", "uniform", "int", "categorical"]
+    """loguniform / uniform over [low, high]; int over [low, high] inclusive; categorical over values."""
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+    """Choices of a categorical parameter."""
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> Distribution:
+        if self.type == "categorical":
+            if not self.values:
+                raise ValueError("categorical needs a non-empty `values` list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs `low` and `high`")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {self.low:g})")
+        return self
+
+    def corners(self) -> list[Any]:
+        """Extreme values, for validating an arm before it runs."""
+        if self.type == "categorical":
+            return list(self.values or [])
+        if self.type == "int":
+            return [int(self.low), int(self.high)]  # type: ignore[arg-type]
+        return [self.low, self.high]
+
+    def sample(self, rng: random.Random) -> Any:
+        """One value (dry runs; real sweeps sample with Optuna)."""
+        low, high = self.low or 0.0, self.high or 0.0
+        if self.type == "categorical":
+            return rng.choice(self.values or [])
+        if self.type == "int":
+            return rng.randint(int(low), int(high))
+        if self.type == "loguniform":
+            return math.exp(rng.uniform(math.log(low), math.log(high)))
+        return rng.uniform(low, high)
+
+
+class Arm(StrictModel):
+    loss: dict[str, Any]
+    """This SAE type's loss terms (the `loss` section of a training config)."""
+    set: dict[str, Any] = Field(default_factory=dict)
+    """Fixed values by dotted path, e.g. `saes.dict_size_to_input_ratio: 4`."""
+    search: dict[str, Distribution] = Field(default_factory=dict)
+    """Searched values by dotted path, e.g. `loss.sparsity.coeff: {type: loguniform, ...}`."""
+
+
+class Objective(StrictModel):
+    metric: str
+    mode: Literal["min", "max"] = "min"
+
+
+class Resources(StrictModel):
+    num_workers: int = Field(default=1, ge=1)
+    """Ray Train workers (DDP ranks) per trial."""
+    cpus_per_worker: float = Field(default=2, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _whole_gpus_for_ddp(self) -> Resources:
+        if self.num_workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise ValueError("fractional gpus_per_worker needs num_workers 1 (two ranks on one GPU break NCCL)")
+        return self
+
+
+class SearchSpace(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Sweep name: the results folder is storage_path/name (rerun to resume)."""
+    base_config: dict[str, Any] | str
+    """Training config shared by all trials: inline, or a YAML path relative to this file."""
+    arms: dict[str, Arm] = Field(min_length=1)
+    num_samples: int = Field(gt=0)
+    """Trials per arm (each arm gets the same budget and its own Optuna study)."""
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective(metric=m) for m in names.DEFAULT_OBJECTIVES], min_length=1
+    )
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    storage_path: str = "sweeps"
+    """Local folder (relative to the working directory) or cloud URI for results."""
+    seed: int = 0
+    """Seeds the Optuna samplers."""
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _objectives_exist(self) -> SearchSpace:
+        for objective in self.objectives:
+            if objective.metric not in PRODUCED_EVAL_METRICS:
+                raise ValueError(
+                    f"objective {objective.metric!r} is not a metric trials report; "
+                    f"allowed: {', '.join(PRODUCED_EVAL_METRICS)}"
+                )
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    @property
+    def modes(self) -> list[str]:
+        return [o.mode for o in self.objectives]
+
+
+def set_dotted(tree: dict[str, Any], path: str, value: Any) -> None:
+    """Set `tree[a][b][c] = value` for path `a.b.c`, creating missing sections."""
+    *parents, leaf = path.split(".")
+    node = tree
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+def trial_config_dict(base: dict[str, Any], arm: Arm, params: dict[str, Any]) -> dict[str, Any]:
+    """Base config, then the arm's loss and fixed values, then the searched params."""
+    tree = copy.deepcopy(base)
+    tree["loss"] = copy.deepcopy(arm.loss)
+    for path, value in {**arm.set, **params}.items():
+        set_dotted(tree, path, value)
+    return tree
+
+
+class LoadedSpace:
+    """A validated search space with its base config resolved. Build with `load_search_space`."""
+
+    def __init__(self, space: SearchSpace, base: dict[str, Any], source: str):
+        self.space = space
+        self.base = base
+        self.source = source
+
+    def trial_config(self, arm_name: str, params: dict[str, Any]) -> TrainConfig:
+        """The TrainConfig of one trial.
+
+        Raises:
+            ConfigError: naming the file, the arm and the field.
+        """
+        arm = self.space.arms[arm_name]
+        tree = trial_config_dict(self.base, arm, params)
+        return validate_config(tree, source=f"{self.source}: arms.{arm_name}")
+
+    def sample_trials(self, arm_name: str, n: int, seed: int | None = None) -> list[dict[str, Any]]:
+        """`n` random parameter sets of an arm (what --dry-run prints)."""
+        rng = random.Random(self.space.seed if seed is None else seed)
+        search = self.space.arms[arm_name].search
+        return [{path: dist.sample(rng) for path, dist in search.items()} for _ in range(n)]
+
+
+def load_search_space(path: str | Path) -> LoadedSpace:
+    """Read, validate and check a search-space file: every arm's config is validated at the
+    corners of its search ranges.
+
+    Raises:
+        ConfigError: one line per problem, naming the file and field.
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    try:
+        space = SearchSpace.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: {loc or '<top level>'}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    if isinstance(space.base_config, str):
+        base_path = (path.parent / space.base_config).resolve()
+        base = read_yaml(base_path)
+    else:
+        base = dict(space.base_config)
+    loaded = LoadedSpace(space, base, str(path))
+    for arm_name, arm in space.arms.items():
+        corners = {param: dist.corners() for param, dist in arm.search.items()}
+        # all searched params at their low ends, then each param at each of its corners
+        low = {param: values[0] for param, values in corners.items()}
+        loaded.trial_config(arm_name, low)
+        for param, values in corners.items():
+            for value in values[1:]:
+                loaded.trial_config(arm_name, {**low, param: value})
+    return loaded

@@ -1,0 +1,140 @@
+"""One sweep trial on Ray: the Tune driver function and the Ray Train worker function.
+
+The Train V2 pattern (DESIGN.md §9): Tune runs `run_trial` once per trial; it turns Tune's
+parameters into a `TrainConfig`, then builds and fits a `TorchTrainer` whose workers run
+`sparsify.train`. Workers call `ray.train.report` (every rank, same number of calls); the
+`TuneReportCallback` forwards rank 0's metrics to Tune. A diverged trial (NaN/inf loss) is
+reported with status "diverged" and NaN objectives; the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray import tune
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search.optuna import OptunaSearch
+
+from sparsify import TrainConfig, train
+from sweep.results import write_trial_record
+from sweep.space import LoadedSpace
+
+logger = logging.getLogger(__name__)
+
+STATUS_FINISHED = "finished"
+STATUS_DIVERGED = "diverged"
+STATUS_ERROR = "error"
+ARM_KEY = "arm"
+"""Tune config key holding the arm name; every other key is a dotted training-config path."""
+
+
+def trial_run_name(trial_id: str) -> str:
+    """Ray Train run name of a trial: from the trial id, never a timestamp, so a rerun of the
+    same trial finds its checkpoints."""
+    return f"train_{trial_id}"
+
+
+def sweep_runs_dir(sweep_dir: Path, arm: str) -> Path:
+    """Where each trial's SAE run folder (weights, config, metrics) lives."""
+    return sweep_dir / "runs" / arm
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: train one SAE config; rank 0 writes the run folder and checkpoints it."""
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    if config.get("num_threads"):
+        torch.set_num_threads(int(config["num_threads"]))
+    cfg = TrainConfig.model_validate(config["train_config"])
+
+    def report(metrics: dict[str, float], run_dir: Path | None) -> None:
+        checkpoint = Checkpoint.from_directory(str(run_dir)) if run_dir is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    train(cfg, report=report, rank=rank, world_size=world_size, show_progress=False)
+
+
+def _is_diverged(error: BaseException) -> bool:
+    failures = getattr(error, "worker_failures", {}) or {}
+    return any(type(f).__name__ == "DivergedError" for f in failures.values())
+
+
+def _worker_message(error: BaseException) -> str:
+    failures = getattr(error, "worker_failures", {}) or {}
+    first = next(iter(failures.values()), error)
+    lines = str(first).strip().splitlines()
+    return lines[-1] if lines else type(first).__name__
+
+
+def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -> None:
+    """Tune function trainable: one trial = one `TorchTrainer.fit()`.
+
+    Writes the trial record (`sweep/results.py` format) when the trial finishes or diverges;
+    errors propagate to Tune, and `sweep.run` records them afterwards.
+    """
+    start = time.perf_counter()
+    arm = tune_config[ARM_KEY]
+    params = {k: v for k, v in tune_config.items() if k != ARM_KEY}
+    trial_id = tune.get_context().get_trial_id()
+    cfg = space.trial_config(arm, params)
+    cfg = cfg.model_copy(update={"save_dir": str(sweep_runs_dir(Path(sweep_dir), arm)), "run_name": trial_id})
+    resources = space.space.resources
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"train_config": cfg.model_dump(mode="json"),
+                           "num_threads": max(1, int(resources.cpus_per_worker))},
+        torch_config=TorchConfig(backend="nccl" if resources.gpus_per_worker else "gloo", timeout_s=600),
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker={"CPU": resources.cpus_per_worker,
+                                  **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            name=trial_run_name(trial_id),
+            storage_path=str(Path(sweep_dir) / "ray_train"),
+            failure_config=FailureConfig(max_failures=0),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    record = {ARM_KEY: arm, "trial_id": trial_id, "params": params, "error": None}
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        if not _is_diverged(exc):
+            raise
+        message = _worker_message(exc)
+        nan_objectives = {metric: math.nan for metric in space.space.metrics}
+        write_trial_record(sweep_dir, {**record, "status": STATUS_DIVERGED, "metrics": {},
+                                       "error": message, "wall_time_s": time.perf_counter() - start})
+        tune.report({**nan_objectives, "status": STATUS_DIVERGED})
+        return
+    metrics = {k: v for k, v in result.metrics.items() if "/" in k}
+    write_trial_record(sweep_dir, {**record, "status": STATUS_FINISHED, "metrics": metrics,
+                                   "wall_time_s": time.perf_counter() - start})
+    # Tune keeps only the last result; OptunaSearch reads the objectives from it
+    tune.report({**metrics, "status": STATUS_FINISHED})
+
+
+class FailNonFiniteOptunaSearch(OptunaSearch):
+    """OptunaSearch that records a trial with NaN/missing objectives as FAIL.
+
+    Plain OptunaSearch passes NaN to `study.tell`, which Optuna 5 rejects, leaving the trial
+    RUNNING in the stored study forever.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result is not None and not error:
+            values = [result.get(m) for m in self.metric]
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                result, error = None, True
+        super().on_trial_complete(trial_id, result=result, error=error)

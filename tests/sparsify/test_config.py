@@ -1,0 +1,69 @@
+import pytest
+
+from sparsify.config import TrainConfig, load_config, validate_config
+from sparsify.errors import ConfigError
+
+VALID = """\
+saes:
+  sae_positions: [blocks.6.hook_resid_pre]
+loss:
+  sparsity: {coeff: 1.0}
+  logits_kl: {coeff: 1.0}
+n_samples: 64
+lr: 0.001
+"""
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_valid_file_loads_with_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, VALID))
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.loss.out_to_in is None and cfg.loss.coeffs() == {"sparsity": 1.0, "logits_kl": 1.0}
+    assert cfg.grad_accum_steps == 1 and cfg.train_data.embedded == "sotu"
+
+
+def test_misspelled_key_suggests_the_closest_field(tmp_path):
+    path = write(tmp_path, VALID.replace("logits_kl", "logit_kl"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: loss.logit_kl: unknown field; did you mean logits_kl?"
+
+
+def test_negative_coefficient_names_file_field_and_value(tmp_path):
+    path = write(tmp_path, VALID.replace("sparsity: {coeff: 1.0}", "sparsity: {coeff: -1}"))
+    with pytest.raises(ConfigError, match=r"cfg.yaml: loss.sparsity.coeff: Input should be greater than or equal to 0 \(got -1\)"):
+        load_config(path)
+
+
+def test_effective_batch_size_must_be_a_multiple(tmp_path):
+    path = write(tmp_path, VALID + "batch_size: 16\neffective_batch_size: 24\n")
+    with pytest.raises(ConfigError, match=r"effective_batch_size \(24\) must be a multiple of batch_size \(16\)"):
+        load_config(path)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path, VALID + "lr: [0.1\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml:\d+: YAML syntax error"):
+        load_config(path)
+
+
+def test_missing_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_gradient_accumulation_steps_are_derived():
+    cfg = validate_config({"saes": {"sae_positions": ["x"]}, "loss": {"out_to_in": {"coeff": 1}},
+                           "n_samples": 64, "lr": 1e-3, "batch_size": 4, "effective_batch_size": 16})
+    assert cfg.grad_accum_steps == 4 and cfg.n_grad_steps == 4
+
+
+def test_data_source_must_be_exactly_one():
+    with pytest.raises(ConfigError, match="exactly one of dataset_name, files, embedded"):
+        validate_config({"saes": {"sae_positions": ["x"]}, "loss": {"out_to_in": {"coeff": 1}},
+                         "n_samples": 8, "lr": 1e-3, "train_data": {"files": ["a.txt"], "embedded": "sotu"}})

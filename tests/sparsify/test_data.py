@@ -1,0 +1,75 @@
+import json
+
+import pytest
+import torch
+from conftest import make_corpus
+
+from sparsify.config import DataConfig
+from sparsify.data import iter_batches, iter_sequences, local_token_stream
+from sparsify.errors import DataError
+
+
+@pytest.fixture()
+def tokenizer(tiny_bridge):
+    return tiny_bridge.tokenizer
+
+
+def test_text_files_are_joined_with_eos_and_chunked(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("the state of the union")
+    (tmp_path / "b.txt").write_text("is strong")
+    data = DataConfig(files=[str(tmp_path / "*.txt")], split="all", n_ctx=4)
+    stream = local_token_stream(data, tokenizer)
+    expected = (tokenizer("the state of the union", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                + tokenizer("is strong", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    assert stream.tolist() == expected
+    sequences = list(iter_sequences(data, tokenizer))
+    assert len(sequences) == len(expected) // 4
+    assert sorted(map(tuple, (s.tolist() for s in sequences))) == sorted(
+        tuple(expected[i:i + 4]) for i in range(0, len(expected) // 4 * 4, 4))
+
+
+def test_jsonl_text_column(tmp_path, tokenizer):
+    rows = [{"text": "peace and war"}, {"text": "army navy"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = DataConfig(files=[str(tmp_path / "d.jsonl")], split="all", n_ctx=2)
+    assert local_token_stream(data, tokenizer).numel() == sum(
+        len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
+
+
+def test_train_and_test_splits_are_disjoint_and_cover_all(tmp_path, tokenizer):
+    make_corpus(tmp_path, n_docs=100, words_per_doc=20)
+
+    def n_tokens(split):
+        return local_token_stream(DataConfig(files=[str(tmp_path / "*.txt")], split=split, n_ctx=8), tokenizer).numel()
+
+    assert n_tokens("train") + n_tokens("test") == n_tokens("all")
+    assert 0 < n_tokens("test") < 0.2 * n_tokens("all")
+
+
+def test_ranks_see_disjoint_sequences(corpus_dir, tokenizer):
+    data = DataConfig(files=[str(corpus_dir / "*.txt")], split="all", n_ctx=16, seed=3)
+    rank0 = {tuple(s.tolist()) for s in iter_sequences(data, tokenizer, rank=0, world_size=2)}
+    rank1 = {tuple(s.tolist()) for s in iter_sequences(data, tokenizer, rank=1, world_size=2)}
+    everything = [tuple(s.tolist()) for s in iter_sequences(data, tokenizer)]
+    assert rank0.isdisjoint(rank1) and len(rank0) + len(rank1) == len(everything)
+
+
+def test_seed_sets_the_order(corpus_dir, tokenizer):
+    def first(seed):
+        data = DataConfig(files=[str(corpus_dir / "*.txt")], split="all", n_ctx=16, seed=seed)
+        return next(iter_sequences(data, tokenizer))
+
+    assert torch.equal(first(0), first(0)) and not torch.equal(first(0), first(1))
+
+
+def test_too_small_corpus_says_how_many_tokens(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("the state of the union")
+    data = DataConfig(files=[str(tmp_path / "a.txt")], split="all", n_ctx=4)
+    with pytest.raises(DataError, match=r"n_samples: the data has 3 sequences of 4 tokens \(12 tokens\); the run needs 10"):
+        next(iter_batches(data, tokenizer, batch_size=2, n_samples=10, field="n_samples"))
+
+
+def test_missing_files_are_one_line(tmp_path, tokenizer):
+    data = DataConfig(files=[str(tmp_path / "missing*.txt")], n_ctx=4)
+    with pytest.raises(DataError, match="matches no file"):
+        local_token_stream(data, tokenizer)

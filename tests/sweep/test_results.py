@@ -1,0 +1,93 @@
+"""Tests for sweep.results: records on disk -> one table."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from sparsify.metric_names import EVAL_ALIVE, EVAL_CE_LOSS_INCREASE, EVAL_L0
+from sweep.results import finished, load_results, trial_record_path, write_trial_record
+
+
+def record(arm, trial_id, status="finished", l0=10.0, ce=0.2, coeff=1.0, **metrics):
+    return {
+        "arm": arm,
+        "trial_id": trial_id,
+        "status": status,
+        "params": {"loss.sparsity.coeff": coeff},
+        "metrics": {EVAL_L0: l0, EVAL_CE_LOSS_INCREASE: ce, **metrics},
+        "error": None if status == "finished" else "loss is NaN at step 7",
+        "wall_time_s": 12.5,
+    }
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    write_trial_record(tmp_path, record("local", "local_00001", status="diverged", l0=float("nan"), ce=None))
+    write_trial_record(tmp_path, record("local", "local_00000", l0=12.0, ce=0.3, coeff=0.5, **{EVAL_ALIVE: 800}))
+    write_trial_record(tmp_path, record("e2e", "e2e_00000", l0=4.0, ce=0.1, coeff=2.0))
+    local = tmp_path / "trials" / "local"
+    (local / ".local_00002.json.abc.tmp").write_text('{"arm": "local", "trial_id": "loc')
+    (local / "local_00003.json").write_text("{not json")
+    (local / "local_00004.json").write_text("[1, 2]")
+    return tmp_path
+
+
+def test_record_path_is_arm_folder_and_trial_id(tmp_path):
+    assert trial_record_path(tmp_path, "e2e", "e2e_00007") == tmp_path / "trials" / "e2e" / "e2e_00007.json"
+    with pytest.raises(ValueError, match="trial_id"):
+        trial_record_path(tmp_path, "e2e", "../escape")
+
+
+def test_write_is_atomic_and_round_trips(tmp_path):
+    path = write_trial_record(tmp_path, record("local", "local_00000"))
+    assert path == trial_record_path(tmp_path, "local", "local_00000")
+    assert [p.name for p in path.parent.iterdir()] == ["local_00000.json"]  # no temp file left
+    assert json.loads(path.read_text())["metrics"][EVAL_L0] == 10.0
+
+
+def test_write_rejects_record_without_status(tmp_path):
+    with pytest.raises(ValueError, match="status"):
+        write_trial_record(tmp_path, {"arm": "local", "trial_id": "x"})
+
+
+def test_load_gives_one_sorted_row_per_readable_record(sweep_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="sweep.results"):
+        df = load_results(sweep_dir)
+    assert df["trial_id"].tolist() == ["e2e_00000", "local_00000", "local_00001"]
+    assert list(df.columns) == [
+        "arm", "trial_id", "status", "error", "wall_time_s",
+        EVAL_L0, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE, "param:loss.sparsity.coeff",  # metrics sorted by name
+    ]  # fmt: skip
+    assert df["arm"].tolist() == ["e2e", "local", "local"]
+    assert df["status"].tolist() == ["finished", "finished", "diverged"]
+    assert df[EVAL_L0].tolist()[:2] == [4.0, 12.0] and np.isnan(df[EVAL_L0][2])
+    assert df["param:loss.sparsity.coeff"].tolist() == [2.0, 0.5, 1.0]
+    assert df[EVAL_ALIVE][1] == 800 and np.isnan(df[EVAL_ALIVE][0])
+    assert df["error"][2] == "loss is NaN at step 7"
+    assert df["wall_time_s"].tolist() == [12.5, 12.5, 12.5]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "local_00003.json" in warned and "local_00004.json" in warned
+    assert "local_00002" not in warned  # temp files are ignored silently
+
+
+def test_finished_keeps_finished_trials_with_finite_objectives(sweep_dir):
+    df = load_results(sweep_dir)
+    assert finished(df)["trial_id"].tolist() == ["e2e_00000", "local_00000"]
+    # a finished trial missing an objective value is left out too
+    write_trial_record(sweep_dir, record("e2e", "e2e_00001", l0=float("inf")))
+    assert finished(load_results(sweep_dir))["trial_id"].tolist() == ["e2e_00000", "local_00000"]
+    assert finished(df, ["eval/not_logged"]).empty
+
+
+def test_empty_sweep_gives_empty_table_with_fixed_columns(tmp_path):
+    df = load_results(tmp_path)
+    assert df.empty
+    assert list(df.columns) == ["arm", "trial_id", "status", "error", "wall_time_s"]
+    assert finished(df).empty
+
+
+def test_missing_sweep_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_results(tmp_path / "nope")
