@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sparsify.errors import ConfigError
 
 EMBEDDED_MODEL_NAME = "embedded:SmolLM2-135M-Instruct"
+M = TypeVar("M", bound=BaseModel)
 LATER_RESID_PRE = "later_resid_pre"
 """`in_to_orig.hook_positions` shorthand: every `blocks.N.hook_resid_pre` after the last SAE."""
 
@@ -242,10 +243,20 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> TrainConfi
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of config fields at the top level")
+    return validate_model(TrainConfig, raw, source)
+
+
+def validate_model(model: type[M], raw: Any, source: str) -> M:
+    """Validate `raw` as `model`, turning pydantic's errors into one line per problem.
+
+    Raises:
+        ConfigError: `source: field.path: what is allowed`, with a 'did you mean' hint for an
+            unknown field.
+    """
     try:
-        return TrainConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        lines = [_format_error(source, e, TrainConfig) for e in exc.errors()]
+        lines = [_format_error(source, e, model) for e in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
 
 

@@ -36,3 +36,7 @@ class DivergedError(Exception):
         self.step = step
         self.term = term
         self.value = value
+
+    def __reduce__(self) -> tuple:
+        # Ray ships worker exceptions between processes by pickling them
+        return (DivergedError, (self.step, self.term, self.value))

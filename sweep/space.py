@@ -14,11 +14,10 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sparsify import metric_names as names
-from sparsify.config import TrainConfig, read_yaml, validate_config
-from sparsify.errors import ConfigError
+from sparsify.config import TrainConfig, read_yaml, validate_config, validate_model
 
 PRODUCED_EVAL_METRICS = (
     names.EVAL_L0, names.EVAL_CE_LOSS_INCREASE, names.EVAL_ALIVE, names.EVAL_KL,
@@ -192,15 +191,7 @@ def load_search_space(path: str | Path) -> LoadedSpace:
     """
     path = Path(path)
     raw = read_yaml(path)
-    try:
-        space = SearchSpace.model_validate(raw)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            lines.append(f"{path}: {loc or '<top level>'}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+    space = validate_model(SearchSpace, raw, str(path))
     if isinstance(space.base_config, str):
         base_path = (path.parent / space.base_config).resolve()
         base = read_yaml(base_path)

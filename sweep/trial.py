@@ -19,7 +19,7 @@ import ray
 import ray.train
 import torch
 from ray import tune
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
@@ -103,13 +103,14 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
             name=trial_run_name(trial_id),
             storage_path=str(Path(sweep_dir) / "ray_train"),
             failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()],
         ),
     )
     record = {ARM_KEY: arm, "trial_id": trial_id, "params": params, "error": None}
     try:
         result = trainer.fit()
-    except ray.train.WorkerGroupError as exc:
+    except ray.train.TrainingFailedError as exc:
         if not _is_diverged(exc):
             raise
         message = _worker_message(exc)

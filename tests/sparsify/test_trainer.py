@@ -71,3 +71,10 @@ def test_diverged_loss_raises_with_step_and_term(tiny_bridge, tiny_model_dir, co
     with pytest.raises(DivergedError, match="'sparsity' is inf at step 0") as info:
         train(cfg, tlens_model=tiny_bridge, show_progress=False)
     assert info.value.term == "sparsity"
+
+
+def test_diverged_error_survives_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(DivergedError(3, "logits_kl", float("nan"))))
+    assert (error.step, error.term, str(error)) == (3, "logits_kl", "loss term 'logits_kl' is nan at step 3")

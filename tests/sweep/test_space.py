@@ -1,0 +1,92 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparsify.errors import ConfigError
+from sweep.run import main as run_main
+from sweep.space import load_search_space, set_dotted
+
+SEARCH_SPACES = sorted((Path(__file__).parents[2] / "search_spaces").glob("*.yaml"))
+
+MINIMAL = {
+    "name": "t",
+    "num_samples": 2,
+    "base_config": {"saes": {"sae_positions": ["blocks.1.hook_resid_pre"]}, "n_samples": 16, "lr": 1e-3},
+    "arms": {
+        "local": {"loss": {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}},
+                  "search": {"loss.sparsity.coeff": {"type": "loguniform", "low": 0.1, "high": 10}}},
+        "e2e": {"loss": {"sparsity": {"coeff": 1.0}, "logits_kl": {"coeff": 1.0}},
+                "set": {"saes.dict_size_to_input_ratio": 4},
+                "search": {"lr": {"type": "categorical", "values": [1e-3, 3e-3]}}},
+    },
+}
+
+
+def write(tmp_path, tree):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.parametrize("path", SEARCH_SPACES, ids=lambda p: p.name)
+def test_shipped_search_spaces_expand_into_valid_trials(path):
+    loaded = load_search_space(path)
+    assert {"local", "e2e"} <= set(loaded.space.arms)
+    for arm in loaded.space.arms:
+        for params in loaded.sample_trials(arm, 3):
+            cfg = loaded.trial_config(arm, params)
+            assert cfg.loss.sparsity is not None
+            assert params["loss.sparsity.coeff"] == cfg.loss.sparsity.coeff
+
+
+@pytest.mark.parametrize("path", SEARCH_SPACES, ids=lambda p: p.name)
+def test_dry_run_prints_every_arm(path, capsys):
+    assert run_main([str(path), "--dry-run", "--num-samples", "2"]) == 0
+    out = capsys.readouterr().out
+    for arm in load_search_space(path).space.arms:
+        assert f"arm {arm}:" in out
+    assert out.count("trial 1:") == len(load_search_space(path).space.arms)
+
+
+def test_arm_settings_and_params_land_in_the_trial_config(tmp_path):
+    loaded = load_search_space(write(tmp_path, MINIMAL))
+    cfg = loaded.trial_config("e2e", {"lr": 3e-3})
+    assert cfg.lr == 3e-3 and cfg.saes.dict_size_to_input_ratio == 4
+    assert cfg.loss.coeffs() == {"sparsity": 1.0, "logits_kl": 1.0}
+    local = loaded.trial_config("local", {"loss.sparsity.coeff": 0.5})
+    assert local.loss.coeffs() == {"sparsity": 0.5, "out_to_in": 1.0} and local.saes.dict_size_to_input_ratio == 1.0
+
+
+def test_typo_in_a_searched_path_fails_at_load(tmp_path):
+    tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    tree["arms"]["local"]["search"] = {"loss.sparsity.cof": {"type": "uniform", "low": 0.1, "high": 1}}
+    with pytest.raises(ConfigError, match=r"space.yaml: arms.local: loss.sparsity.cof: unknown field; did you mean coeff\?"):
+        load_search_space(write(tmp_path, tree))
+
+
+def test_inverted_range_is_rejected(tmp_path):
+    tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    tree["arms"]["local"]["search"]["loss.sparsity.coeff"] = {"type": "loguniform", "low": 10, "high": 1}
+    with pytest.raises(ConfigError, match=r"arms.local.search.loss.sparsity.coeff: low \(10\) must be below high \(1\)"):
+        load_search_space(write(tmp_path, tree))
+
+
+def test_objective_must_be_a_reported_metric(tmp_path):
+    tree = {**MINIMAL, "objectives": [{"metric": "eval/l0", "mode": "min"}]}
+    with pytest.raises(ConfigError, match="objective 'eval/l0' is not a metric trials report"):
+        load_search_space(write(tmp_path, tree))
+
+
+def test_bad_file_exits_2_with_one_line(tmp_path, capsys):
+    tree = {**MINIMAL, "num_sample": 3}
+    assert run_main([str(write(tmp_path, tree)), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'space.yaml'}: num_sample: unknown field; did you mean num_samples?"
+
+
+def test_set_dotted_creates_sections():
+    tree = {"loss": {"sparsity": {"coeff": 1}}}
+    set_dotted(tree, "loss.logits_kl.coeff", 0.5)
+    set_dotted(tree, "loss.sparsity.coeff", 2)
+    assert tree == {"loss": {"sparsity": {"coeff": 2}, "logits_kl": {"coeff": 0.5}}}
