@@ -94,6 +94,13 @@ class SAEsConfig(StrictModel):
     """Exact TransformerLens hook names, e.g. `blocks.6.hook_resid_pre`."""
     dict_size_to_input_ratio: float = Field(default=1.0, gt=0)
     """Dictionary size = round(ratio * d_in)."""
+    skip_first_position: bool = False
+    """Leave position 0 untouched: the SAEs neither read nor replace it, and losses and metrics
+    ignore it. Position 0 is an attention sink whose residual norm is 10-50x the others in most
+    LMs. Off in the reference library."""
+    decoder_bias_init: Literal["default", "data_mean"] = "default"
+    """`default`: nn.Linear's init, as in the reference; `data_mean`: the mean SAE input over
+    the first training batch (helps short runs on large-norm activations)."""
 
 
 class DataConfig(StrictModel):

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 from jaxtyping import Int
-from torch import Tensor
-
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from sparsify.atomic import atomic_write_with
 from sparsify.config import DataConfig
@@ -51,10 +50,12 @@ def local_files(data: DataConfig) -> list[Path]:
         files.extend(Path(m) for m in matched)
     for path in files:
         if path.suffix not in _BUILDERS:
-            raise DataError(
-                f"files: {path} has an unsupported extension; allowed: {', '.join(_BUILDERS)}"
-            )
-    if len({p.suffix for p in files} - {".json", ".jsonl"}) + bool({p.suffix for p in files} & {".json", ".jsonl"}) > 1:
+            raise DataError(f"files: {path} has an unsupported extension; allowed: {', '.join(_BUILDERS)}")
+    if (
+        len({p.suffix for p in files} - {".json", ".jsonl"})
+        + bool({p.suffix for p in files} & {".json", ".jsonl"})
+        > 1
+    ):
         raise DataError("files: all files of one source must be of one kind (txt, jsonl or parquet)")
     return files
 
@@ -65,9 +66,7 @@ def _load_local_documents(data: DataConfig, files: list[Path]) -> Any:
     builder = _BUILDERS[files[0].suffix]
     kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
     try:
-        return datasets.load_dataset(
-            builder, data_files=[str(f) for f in files], split="train", **kwargs
-        )
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for unreadable files
         raise DataError(f"files: cannot read {files[0].parent}: {str(exc).splitlines()[0]}") from None
 
@@ -80,7 +79,13 @@ def _in_split(text: str, split: str) -> bool:
 
 
 def _cache_key(data: DataConfig, files: list[Path], tokenizer: Any) -> str:
-    parts = [data.split, data.column, str(data.is_tokenized), str(tokenizer.name_or_path), str(len(tokenizer))]
+    parts = [
+        data.split,
+        data.column,
+        str(data.is_tokenized),
+        str(tokenizer.name_or_path),
+        str(len(tokenizer)),
+    ]
     parts += [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 

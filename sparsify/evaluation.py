@@ -112,7 +112,7 @@ class MeanAccumulator:
         if dist.is_available() and dist.is_initialized() and keys:
             packed = torch.tensor([[self.sums[k], self.weights[k]] for k in keys], dtype=torch.float64)
             dist.all_reduce(packed)
-            return {k: (s / w if w else math.nan) for k, (s, w) in zip(keys, packed.tolist())}
+            return {k: (s / w if w else math.nan) for k, (s, w) in zip(keys, packed.tolist(), strict=False)}
         return {k: self.sums[k] / self.weights[k] for k in keys}
 
 
@@ -125,7 +125,9 @@ def batch_sae_metrics(out: ForwardOutput) -> dict[str, float]:
         values[names.L0] += hook_l0
         values[names.per_hook(names.L0, hook)] = hook_l0
         values[names.per_hook(names.FRAC_ZERO, hook)] = metrics.frac_zero(acts.codes)
-        values[names.per_hook(names.EXPLAINED_VARIANCE, hook)] = metrics.explained_variance(acts.sae_out, acts.sae_in)
+        values[names.per_hook(names.EXPLAINED_VARIANCE, hook)] = metrics.explained_variance(
+            acts.sae_out, acts.sae_in
+        )
         values[names.per_hook(names.EXPLAINED_VARIANCE_LN, hook)] = metrics.explained_variance(
             acts.sae_out, acts.sae_in, layer_norm=True
         )
@@ -147,7 +149,12 @@ def _logit_metrics(tokens: Tensor, orig_logits: Tensor, sae_logits: Tensor) -> d
 
 @torch.no_grad()
 def evaluate(
-    model: SAETransformer, cfg: TrainConfig, tokenizer: Any, plan: LossPlan, rank: int = 0, world_size: int = 1
+    model: SAETransformer,
+    cfg: TrainConfig,
+    tokenizer: Any,
+    plan: LossPlan,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
     """Eval metrics on the held-out stream, un-prefixed (DESIGN.md §5).
 
@@ -160,8 +167,15 @@ def evaluate(
     device = model.model_device
     eval_plan = LossPlan(plan.loss, plan.sae_positions, plan.in_to_orig_hooks, stop_at_layer=None)
     acc = MeanAccumulator()
-    for tokens in iter_batches(cfg.eval_data, tokenizer, cfg.batch_size, cfg.eval_n_samples // world_size or 1,
-                               "eval_n_samples", rank, world_size):
+    for tokens in iter_batches(
+        cfg.eval_data,
+        tokenizer,
+        cfg.batch_size,
+        cfg.eval_n_samples // world_size or 1,
+        "eval_n_samples",
+        rank,
+        world_size,
+    ):
         tokens = tokens.to(device)
         raw = model.forward_raw(tokens, capture=eval_plan.orig_capture)
         terms, out = loss_terms(model, tokens, eval_plan, raw=raw)
@@ -184,7 +198,9 @@ def count_alive(
     n_ctx = cfg.eval_data.n_ctx
     n_seqs = max(1, math.ceil(cfg.act_frequency_n_tokens / n_ctx / world_size))
     stop = model.stop_layer_for(model.sae_positions)
-    counters = {h: metrics.FiringCounter(model.sae(h).n_dict, model.model_device) for h in model.sae_positions}
+    counters = {
+        h: metrics.FiringCounter(model.sae(h).n_dict, model.model_device) for h in model.sae_positions
+    }
     batches: Iterable[Tensor] = iter_batches(
         cfg.eval_data, tokenizer, cfg.batch_size, n_seqs, "act_frequency_n_tokens", rank, world_size
     )

@@ -46,9 +46,7 @@ def logits_kl_loss(
     return kl.mean()
 
 
-def weighted_total(
-    terms: dict[str, Float[Tensor, ""]], loss_cfg: LossConfig
-) -> Float[Tensor, ""]:
+def weighted_total(terms: dict[str, Float[Tensor, ""]], loss_cfg: LossConfig) -> Float[Tensor, ""]:
     """Total loss = sum over configured terms of coeff * term (DESIGN.md §4).
 
     Per-position terms (sparsity, out_to_in, out_to_orig) arrive already summed over SAE

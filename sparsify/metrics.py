@@ -25,28 +25,20 @@ def frac_zero(codes: Float[Tensor, "... n_dict"]) -> float:
 
 def ce_loss(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]) -> float:
     """Next-token cross-entropy in nats/token: logits at pos t predict tokens at t+1."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()
-    ).item()
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()).item()
 
 
-def kl_divergence(
-    orig_logits: Float[Tensor, "... vocab"], sae_logits: Float[Tensor, "... vocab"]
-) -> float:
+def kl_divergence(orig_logits: Float[Tensor, "... vocab"], sae_logits: Float[Tensor, "... vocab"]) -> float:
     """KL(P_orig || P_sae) in nats, mean over tokens (same formula as the logits_kl loss)."""
     return logits_kl_loss(orig_logits, sae_logits).item()
 
 
-def top1_agreement(
-    orig_logits: Float[Tensor, "... vocab"], sae_logits: Float[Tensor, "... vocab"]
-) -> float:
+def top1_agreement(orig_logits: Float[Tensor, "... vocab"], sae_logits: Float[Tensor, "... vocab"]) -> float:
     """Fraction of tokens where both models' most likely next token is the same."""
     return (orig_logits.argmax(-1) == sae_logits.argmax(-1)).float().mean().item()
 
 
-def total_variation(
-    orig_logits: Float[Tensor, "... vocab"], sae_logits: Float[Tensor, "... vocab"]
-) -> float:
+def total_variation(orig_logits: Float[Tensor, "... vocab"], sae_logits: Float[Tensor, "... vocab"]) -> float:
     """Total-variation distance 0.5 * sum_v |p_orig - p_sae|, mean over tokens."""
     p = F.softmax(orig_logits.float(), dim=-1)
     q = F.softmax(sae_logits.float(), dim=-1)

@@ -36,7 +36,9 @@ def model_source(model_name: str) -> str:
 
         return str(embedded_model_dir())
     if model_name.startswith("embedded:"):
-        raise ConfigError(f"model_name: unknown embedded model {model_name!r}; allowed: {EMBEDDED_MODEL_NAME}")
+        raise ConfigError(
+            f"model_name: unknown embedded model {model_name!r}; allowed: {EMBEDDED_MODEL_NAME}"
+        )
     return model_name
 
 
@@ -44,9 +46,7 @@ def bridge_from_hf(hf_model: Any, tokenizer: Any, name: str, device: torch.devic
     """Wrap a loaded Hugging Face causal LM and tokenizer in a frozen TransformerBridge."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(
-        name, hf_model=hf_model, tokenizer=tokenizer, device=device
-    )
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device)
     bridge.eval()
     bridge.requires_grad_(False)
     return bridge
@@ -77,4 +77,3 @@ def load_tlens_model(model_name: str, device: torch.device, dtype: str = "float3
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model_name: cannot load {kind} {model_name!r}: {first}") from None
     return bridge_from_hf(hf_model, tokenizer, source, device)
-

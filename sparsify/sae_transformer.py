@@ -51,13 +51,18 @@ class SAETransformer(nn.Module):
         tlens_model: a TransformerLens 4 `TransformerBridge` (frozen here).
         sae_positions: exact hook names, e.g. `["blocks.6.hook_resid_pre"]`.
         dict_size_to_input_ratio: dictionary size = round(ratio * d_in) for each SAE.
+        skip_first_position: leave position 0 as it is (SAE tensors then cover pos >= 1).
 
     Raises:
         HookNameError: a position the model does not have (closest names listed).
     """
 
     def __init__(
-        self, tlens_model: Any, sae_positions: Sequence[str], dict_size_to_input_ratio: float
+        self,
+        tlens_model: Any,
+        sae_positions: Sequence[str],
+        dict_size_to_input_ratio: float,
+        skip_first_position: bool = False,
     ):
         super().__init__()
         check_hook_names(sae_positions, tlens_model.hook_dict, "saes.sae_positions")
@@ -65,6 +70,7 @@ class SAETransformer(nn.Module):
         self.tlens_model.eval()
         self.tlens_model.requires_grad_(False)
         self.sae_positions = list(sae_positions)
+        self.first_position = 1 if skip_first_position else 0
         widths = self._activation_widths(self.sae_positions)
         device = self.model_device
         self.saes = nn.ModuleDict(
@@ -94,6 +100,16 @@ class SAETransformer(nn.Module):
         """The SAE at an exact hook name."""
         return self.saes[hook_to_key(hook_name)]  # type: ignore[return-value]
 
+    @torch.no_grad()
+    def init_decoder_bias_from_data(self, tokens: Int[Tensor, "batch pos"]) -> None:
+        """Set each SAE's decoder bias to the mean of its input over `tokens` (the original
+        model's activations; skipped positions left out)."""
+        stop = self.stop_layer_for(self.sae_positions)
+        raw = self.forward_raw(tokens, capture=self.sae_positions, stop_at_layer=stop)
+        for name in self.sae_positions:
+            acts = raw.acts[name][:, self.first_position :].float()
+            self.sae(name).decoder.bias.copy_(acts.mean(dim=(0, 1)))
+
     def _activation_widths(self, names: Sequence[str]) -> dict[str, int]:
         probe = torch.zeros((1, 2), dtype=torch.long, device=self.model_device)
         out = self.forward_raw(probe, capture=names, stop_at_layer=self.stop_layer_for(names))
@@ -117,9 +133,7 @@ class SAETransformer(nn.Module):
         fwd_hooks: list[tuple[str, Any]],
         stop_at_layer: int | None,
     ) -> Tensor | None:
-        out = self.tlens_model.run_with_hooks(
-            tokens, fwd_hooks=fwd_hooks, stop_at_layer=stop_at_layer
-        )
+        out = self.tlens_model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, stop_at_layer=stop_at_layer)
         return None if stop_at_layer is not None else out
 
     def forward_raw(
@@ -166,9 +180,12 @@ class SAETransformer(nn.Module):
 
         def splice(activation: Tensor, hook: Any) -> Tensor:
             # SAEs train in float32 even when the frozen model runs in bf16
-            sae_in = activation.float()
+            sae_in = activation[:, self.first_position :].float()
             codes, sae_out = sae(sae_in)
             store[hook_name] = SAEActivations(sae_in=sae_in, codes=codes, sae_out=sae_out)
+            if self.first_position:
+                kept = activation[:, : self.first_position]
+                return torch.cat([kept, sae_out.to(activation.dtype)], dim=1)
             return sae_out.to(activation.dtype)
 
         return splice

@@ -42,7 +42,9 @@ class WandbTracker(Tracker):
         try:
             import wandb
         except ImportError:
-            raise MissingPackageError("wandb_project is set but wandb is not installed: pip install wandb") from None
+            raise MissingPackageError(
+                "wandb_project is set but wandb is not installed: pip install wandb"
+            ) from None
         self.run = wandb.init(project=project, name=run_name, config=config)
 
     def log(self, metrics: dict[str, float], step: int) -> None:

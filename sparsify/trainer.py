@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -19,7 +20,7 @@ from sparsify.checkpoint import save_run
 from sparsify.config import TrainConfig
 from sparsify.data import iter_batches
 from sparsify.errors import ConfigError, DivergedError
-from sparsify.evaluation import LossPlan, batch_sae_metrics, evaluate, loss_terms, make_loss_plan
+from sparsify.evaluation import batch_sae_metrics, evaluate, loss_terms, make_loss_plan
 from sparsify.losses import weighted_total
 from sparsify.model_loading import load_tlens_model, resolve_device
 from sparsify.sae_transformer import SAETransformer
@@ -83,7 +84,9 @@ def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransfor
     if tlens_model is None:
         tlens_model = load_tlens_model(cfg.model_name, resolve_device(cfg.device), cfg.model_dtype)
     torch.manual_seed(cfg.seed)
-    model = SAETransformer(tlens_model, cfg.saes.sae_positions, cfg.saes.dict_size_to_input_ratio)
+    model = SAETransformer(
+        tlens_model, cfg.saes.sae_positions, cfg.saes.dict_size_to_input_ratio, cfg.saes.skip_first_position
+    )
     for field_name in ("train_data", "eval_data"):
         data = getattr(cfg, field_name)
         if data is not None and data.n_ctx > model.n_ctx:
@@ -117,15 +120,19 @@ def train(
     device = model.model_device
     is_main = rank == 0
     run_dir = run_dir_for(cfg) if is_main else None
-    tracker = make_tracker(run_dir, cfg.tensorboard, cfg.wandb_project, run_dir.name if run_dir else "",
-                           cfg.model_dump(mode="json")) if is_main else Tracker()
+    tracker = _tracker(cfg, run_dir) if is_main else Tracker()
     optimizer = torch.optim.Adam(model.saes.parameters(), lr=cfg.lr)
     state = TrainState()
     n_ctx = cfg.train_data.n_ctx
-    batches = iter_batches(cfg.train_data, tokenizer, cfg.batch_size, cfg.n_samples // world_size,
-                           "n_samples", rank, world_size)
+    batches = iter_batches(
+        cfg.train_data, tokenizer, cfg.batch_size, cfg.n_samples // world_size, "n_samples", rank, world_size
+    )
+    if cfg.saes.decoder_bias_init == "data_mean":
+        first = next(batches)
+        _init_decoder_bias(model, first.to(device))
+        batches = itertools.chain([first], batches)
     progress = tqdm(total=cfg.n_samples * n_ctx, unit="tok", unit_scale=True, desc="train",
-                    disable=not (is_main and show_progress), dynamic_ncols=True)
+                    disable=not (is_main and show_progress), dynamic_ncols=True)  # fmt: skip
     window = TrainWindow()
     for micro_step, tokens in enumerate(batches):
         terms, out = loss_terms(model, tokens.to(device), plan)
@@ -143,9 +150,11 @@ def train(
         if due.log:
             train_metrics = window.flush(grad_norm, optimizer.param_groups[0]["lr"], state)
             tracker.log(train_metrics, state.step)
-            progress.set_postfix(loss=f"{train_metrics['train/loss']:.4g}",
-                                 L0=f"{train_metrics[names.prefixed(names.TRAIN, names.L0)]:.1f}",
-                                 tok_s=f"{train_metrics[names.prefixed(names.TRAIN, names.TOKENS_PER_S)]:.0f}")
+            progress.set_postfix(
+                loss=f"{train_metrics['train/loss']:.4g}",
+                L0=f"{train_metrics[names.prefixed(names.TRAIN, names.L0)]:.1f}",
+                tok_s=f"{train_metrics[names.prefixed(names.TRAIN, names.TOKENS_PER_S)]:.0f}",
+            )
         if due.eval and cfg.eval_data is not None:
             eval_metrics = _prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size))
             tracker.log(eval_metrics, state.step)
@@ -164,6 +173,21 @@ def train(
         logger.info("saved SAEs, config and metrics to %s", run_dir)
     report(final, run_dir)
     return TrainResult(run_dir=run_dir, metrics=final, model=model)
+
+
+def _tracker(cfg: TrainConfig, run_dir: Path | None) -> Tracker:
+    name = run_dir.name if run_dir else ""
+    return make_tracker(run_dir, cfg.tensorboard, cfg.wandb_project, name, cfg.model_dump(mode="json"))
+
+
+def _init_decoder_bias(model: SAETransformer, tokens: torch.Tensor) -> None:
+    model.init_decoder_bias_from_data(tokens)
+    if dist.is_available() and dist.is_initialized():
+        # ranks saw different batches; DDP needs identical parameters everywhere
+        for name in model.sae_positions:
+            bias = model.sae(name).decoder.bias.data
+            dist.all_reduce(bias)
+            bias /= dist.get_world_size()
 
 
 class TrainWindow:
@@ -216,7 +240,9 @@ def _due(cfg: TrainConfig, state: TrainState) -> Due:
     )
 
 
-def _optimizer_step(model: SAETransformer, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> float:
+def _optimizer_step(
+    model: SAETransformer, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int
+) -> float:
     params = [p for p in model.saes.parameters() if p.grad is not None]
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
@@ -225,9 +251,14 @@ def _optimizer_step(model: SAETransformer, optimizer: torch.optim.Optimizer, cfg
             p.grad /= world
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    factor = lr_factor(step, cfg.n_grad_steps, cfg.lr_schedule,
-                       cfg.warmup_samples // cfg.samples_per_step, cfg.cooldown_samples // cfg.samples_per_step,
-                       cfg.min_lr_factor)
+    factor = lr_factor(
+        step,
+        cfg.n_grad_steps,
+        cfg.lr_schedule,
+        cfg.warmup_samples // cfg.samples_per_step,
+        cfg.cooldown_samples // cfg.samples_per_step,
+        cfg.min_lr_factor,
+    )
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * factor
     optimizer.step()

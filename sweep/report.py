@@ -90,8 +90,14 @@ def markdown_table(df: pd.DataFrame, headers: Sequence[str] | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
-def _plot_view(path: Path, trials: pd.DataFrame, fronts: Mapping[str, pd.DataFrame], arms: Sequence[str],
-               x: str, x_label: str) -> None:
+def _plot_view(
+    path: Path,
+    trials: pd.DataFrame,
+    fronts: Mapping[str, pd.DataFrame],
+    arms: Sequence[str],
+    x: str,
+    x_label: str,
+) -> None:
     """One frontier plot: finished trials faint, each arm's frontier as a line (DESIGN.md §8)."""
     fig = Figure(figsize=(7, 5))
     FigureCanvasAgg(fig)
@@ -135,8 +141,10 @@ def _frontier_section(arm: str, front: pd.DataFrame) -> str:
 def _ratio_section(fronts: Mapping[str, pd.DataFrame]) -> str:
     title = f"## L0 ratio {NUMERATOR_ARM}/{DENOMINATOR_ARM} at matched CE loss increase\n\n"
     if NUMERATOR_ARM not in fronts or DENOMINATOR_ARM not in fronts:
-        return title + (f"Needs finished trials of both arms {NUMERATOR_ARM!r} and {DENOMINATOR_ARM!r} "
-                        f"(found: {', '.join(sorted(fronts)) or 'none'}).\n")
+        return title + (
+            f"Needs finished trials of both arms {NUMERATOR_ARM!r} and {DENOMINATOR_ARM!r} "
+            f"(found: {', '.join(sorted(fronts)) or 'none'}).\n"
+        )
     ratios = l0_ratio_at_matched_ce(fronts, NUMERATOR_ARM, DENOMINATOR_ARM)
     if ratios.empty:
         return title + "The two frontiers' CE loss increase ranges do not overlap.\n"
@@ -146,8 +154,11 @@ def _ratio_section(fronts: Mapping[str, pd.DataFrame]) -> str:
 
 
 def _hypervolume_section(trials: pd.DataFrame, arms: Sequence[str]) -> str:
-    lines = ["## Hypervolume\n\n", "Area dominated by each arm's frontier, minimizing both axes, against one "
-             "reference point shared by all arms: 1.1 x the maximum over all finished trials on each axis.\n\n"]
+    lines = [
+        "## Hypervolume\n\n",
+        "Area dominated by each arm's frontier, minimizing both axes, against one "
+        "reference point shared by all arms: 1.1 x the maximum over all finished trials on each axis.\n\n",
+    ]
     by_arm = {arm: trials[trials["arm"] == arm] for arm in arms}
     table = pd.DataFrame({"arm": list(arms)})
     for x, _ in VIEWS.values():
@@ -157,7 +168,9 @@ def _hypervolume_section(trials: pd.DataFrame, arms: Sequence[str]) -> str:
             lines.append(f"- {x} view: no finished trial has both values.\n")
             continue
         lines.append(f"- {x} view: reference point ({x} = {ref[0]:.4g}, CE increase = {ref[1]:.4g})\n")
-        table[f"hypervolume, {x} view"] = [hypervolume_2d(by_arm[arm], x, EVAL_CE_LOSS_INCREASE, ref) for arm in arms]
+        table[f"hypervolume, {x} view"] = [
+            hypervolume_2d(by_arm[arm], x, EVAL_CE_LOSS_INCREASE, ref) for arm in arms
+        ]
     return "".join(lines) + "\n" + markdown_table(table)
 
 

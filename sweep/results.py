@@ -180,4 +180,3 @@ def finished(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES) -
         values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=float)
         keep &= np.isfinite(values)
     return df[keep]
-

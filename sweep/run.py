@@ -54,16 +54,22 @@ def to_tune(dist: Distribution) -> Any:
 def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
     """Print every arm's fixed settings and `num_samples` sampled trial configs (validated)."""
     space = loaded.space
-    print(f"sweep {space.name}: {len(space.arms)} arms x {num_samples} trials; objectives "
-          f"{', '.join(f'{o.metric} ({o.mode})' for o in space.objectives)}")
+    print(
+        f"sweep {space.name}: {len(space.arms)} arms x {num_samples} trials; objectives "
+        f"{', '.join(f'{o.metric} ({o.mode})' for o in space.objectives)}"
+    )
     for arm_name, arm in space.arms.items():
         searched = ", ".join(f"{p} ~ {d.type}" for p, d in arm.search.items()) or "nothing"
         print(f"\narm {arm_name}: searches {searched}")
         for i, params in enumerate(loaded.sample_trials(arm_name, num_samples)):
             cfg = loaded.trial_config(arm_name, params)
-            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-            print(f"  trial {i}: {shown or '(no searched parameters)'} | loss {cfg.loss.coeffs()} "
-                  f"| {cfg.n_samples} samples x {cfg.train_data.n_ctx} tokens | model {cfg.model_name}")
+            shown = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+            )
+            print(
+                f"  trial {i}: {shown or '(no searched parameters)'} | loss {cfg.loss.coeffs()} "
+                f"| {cfg.n_samples} samples x {cfg.train_data.n_ctx} tokens | model {cfg.model_name}"
+            )
 
 
 def start_ray() -> Any:
@@ -116,19 +122,36 @@ def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: 
     journal = sweep_dir / "optuna" / f"{arm_name}.journal"
     journal.parent.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    study = optuna.create_study(storage=storage, study_name=arm_name, load_if_exists=True,
-                                directions=["minimize" if m == "min" else "maximize" for m in space.modes])
+    study = optuna.create_study(
+        storage=storage,
+        study_name=arm_name,
+        load_if_exists=True,
+        directions=["minimize" if m == "min" else "maximize" for m in space.modes],
+    )
     study.set_metric_names(space.metrics)
-    searcher = FailNonFiniteOptunaSearch(metric=space.metrics, mode=space.modes, seed=space.seed,
-                                         storage=storage, study_name=arm_name)
+    searcher = FailNonFiniteOptunaSearch(
+        metric=space.metrics, mode=space.modes, seed=space.seed, storage=storage, study_name=arm_name
+    )
     param_space = {ARM_KEY: arm_name, **{p: to_tune(d) for p, d in space.arms[arm_name].search.items()}}
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
-                                    max_concurrent_trials=space.max_concurrent_trials,
-                                    trial_dirname_creator=lambda trial: f"{arm_name}_{trial.trial_id}"),
-        run_config=tune.RunConfig(name=arm_name, storage_path=str(sweep_dir / "ray_tune"), verbose=1),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=num_samples,
+            max_concurrent_trials=space.max_concurrent_trials,
+            trial_dirname_creator=lambda trial: f"{arm_name}_{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=arm_name,
+            storage_path=str(sweep_dir / "ray_tune"),
+            verbose=1,
+            progress_reporter=tune.CLIReporter(
+                metric_columns={m: m for m in space.metrics},
+                parameter_columns=list(space.arms[arm_name].search),
+                max_report_frequency=60,
+            ),
+        ),
     )
 
 
@@ -144,10 +167,18 @@ def record_errors(results: Any, arm_name: str, sweep_dir: Path) -> None:
             continue
         params = {k: v for k, v in (result.config or {}).items() if k != "arm"}
         message = str(result.error).strip().splitlines()
-        write_trial_record(sweep_dir, {"arm": arm_name, "trial_id": trial_id, "status": "error",
-                                       "params": params, "metrics": {},
-                                       "error": message[-1] if message else type(result.error).__name__,
-                                       "wall_time_s": None})
+        write_trial_record(
+            sweep_dir,
+            {
+                "arm": arm_name,
+                "trial_id": trial_id,
+                "status": "error",
+                "params": params,
+                "metrics": {},
+                "error": message[-1] if message else type(result.error).__name__,
+                "wall_time_s": None,
+            },
+        )
 
 
 def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
@@ -180,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate and print the trials; train nothing")
     parser.add_argument("--num-samples", type=int, help="trials per arm (overrides the file)")
     parser.add_argument("--storage", help="storage folder (overrides storage_path)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted sweep (also automatic when its folder exists)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep (also automatic when its folder exists)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

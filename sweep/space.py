@@ -20,8 +20,12 @@ from sparsify import metric_names as names
 from sparsify.config import TrainConfig, read_yaml, validate_config, validate_model
 
 PRODUCED_EVAL_METRICS = (
-    names.EVAL_L0, names.EVAL_CE_LOSS_INCREASE, names.EVAL_ALIVE, names.EVAL_KL,
-    names.EVAL_CE_SAE, names.prefixed(names.EVAL, names.TOP1_AGREEMENT),
+    names.EVAL_L0,
+    names.EVAL_CE_LOSS_INCREASE,
+    names.EVAL_ALIVE,
+    names.EVAL_KL,
+    names.EVAL_CE_SAE,
+    names.prefixed(names.EVAL, names.TOP1_AGREEMENT),
     names.prefixed(names.EVAL, names.TOTAL_VARIATION),
 )
 """Metrics every trial reports, so objectives may name them."""
@@ -96,7 +100,9 @@ class Resources(StrictModel):
     @model_validator(mode="after")
     def _whole_gpus_for_ddp(self) -> Resources:
         if self.num_workers > 1 and 0 < self.gpus_per_worker < 1:
-            raise ValueError("fractional gpus_per_worker needs num_workers 1 (two ranks on one GPU break NCCL)")
+            raise ValueError(
+                "fractional gpus_per_worker needs num_workers 1 (two ranks on one GPU break NCCL)"
+            )
         return self
 
 

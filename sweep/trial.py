@@ -90,14 +90,18 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
     resources = space.space.resources
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"train_config": cfg.model_dump(mode="json"),
-                           "num_threads": max(1, int(resources.cpus_per_worker))},
+        train_loop_config={
+            "train_config": cfg.model_dump(mode="json"),
+            "num_threads": max(1, int(resources.cpus_per_worker)),
+        },
         torch_config=TorchConfig(backend="nccl" if resources.gpus_per_worker else "gloo", timeout_s=600),
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.gpus_per_worker > 0,
-            resources_per_worker={"CPU": resources.cpus_per_worker,
-                                  **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
+            resources_per_worker={
+                "CPU": resources.cpus_per_worker,
+                **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {}),
+            },
         ),
         run_config=RunConfig(
             name=trial_run_name(trial_id),
@@ -115,13 +119,23 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
             raise
         message = _worker_message(exc)
         nan_objectives = {metric: math.nan for metric in space.space.metrics}
-        write_trial_record(sweep_dir, {**record, "status": STATUS_DIVERGED, "metrics": {},
-                                       "error": message, "wall_time_s": time.perf_counter() - start})
+        write_trial_record(
+            sweep_dir,
+            {
+                **record,
+                "status": STATUS_DIVERGED,
+                "metrics": {},
+                "error": message,
+                "wall_time_s": time.perf_counter() - start,
+            },
+        )
         tune.report({**nan_objectives, "status": STATUS_DIVERGED})
         return
     metrics = {k: v for k, v in result.metrics.items() if "/" in k}
-    write_trial_record(sweep_dir, {**record, "status": STATUS_FINISHED, "metrics": metrics,
-                                   "wall_time_s": time.perf_counter() - start})
+    write_trial_record(
+        sweep_dir,
+        {**record, "status": STATUS_FINISHED, "metrics": metrics, "wall_time_s": time.perf_counter() - start},
+    )
     # Tune keeps only the last result; OptunaSearch reads the objectives from it
     tune.report({**metrics, "status": STATUS_FINISHED})
 

@@ -36,13 +36,18 @@ def test_misspelled_key_suggests_the_closest_field(tmp_path):
 
 def test_negative_coefficient_names_file_field_and_value(tmp_path):
     path = write(tmp_path, VALID.replace("sparsity: {coeff: 1.0}", "sparsity: {coeff: -1}"))
-    with pytest.raises(ConfigError, match=r"cfg.yaml: loss.sparsity.coeff: Input should be greater than or equal to 0 \(got -1\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cfg.yaml: loss.sparsity.coeff: Input should be greater than or equal to 0 \(got -1\)",
+    ):
         load_config(path)
 
 
 def test_effective_batch_size_must_be_a_multiple(tmp_path):
     path = write(tmp_path, VALID + "batch_size: 16\neffective_batch_size: 24\n")
-    with pytest.raises(ConfigError, match=r"effective_batch_size \(24\) must be a multiple of batch_size \(16\)"):
+    with pytest.raises(
+        ConfigError, match=r"effective_batch_size \(24\) must be a multiple of batch_size \(16\)"
+    ):
         load_config(path)
 
 
@@ -58,12 +63,27 @@ def test_missing_file_is_one_line(tmp_path):
 
 
 def test_gradient_accumulation_steps_are_derived():
-    cfg = validate_config({"saes": {"sae_positions": ["x"]}, "loss": {"out_to_in": {"coeff": 1}},
-                           "n_samples": 64, "lr": 1e-3, "batch_size": 4, "effective_batch_size": 16})
+    cfg = validate_config(
+        {
+            "saes": {"sae_positions": ["x"]},
+            "loss": {"out_to_in": {"coeff": 1}},
+            "n_samples": 64,
+            "lr": 1e-3,
+            "batch_size": 4,
+            "effective_batch_size": 16,
+        }
+    )
     assert cfg.grad_accum_steps == 4 and cfg.n_grad_steps == 4
 
 
 def test_data_source_must_be_exactly_one():
     with pytest.raises(ConfigError, match="exactly one of dataset_name, files, embedded"):
-        validate_config({"saes": {"sae_positions": ["x"]}, "loss": {"out_to_in": {"coeff": 1}},
-                         "n_samples": 8, "lr": 1e-3, "train_data": {"files": ["a.txt"], "embedded": "sotu"}})
+        validate_config(
+            {
+                "saes": {"sae_positions": ["x"]},
+                "loss": {"out_to_in": {"coeff": 1}},
+                "n_samples": 8,
+                "lr": 1e-3,
+                "train_data": {"files": ["a.txt"], "embedded": "sotu"},
+            }
+        )

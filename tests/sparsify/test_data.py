@@ -19,13 +19,18 @@ def test_text_files_are_joined_with_eos_and_chunked(tmp_path, tokenizer):
     (tmp_path / "b.txt").write_text("is strong")
     data = DataConfig(files=[str(tmp_path / "*.txt")], split="all", n_ctx=4)
     stream = local_token_stream(data, tokenizer)
-    expected = (tokenizer("the state of the union", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                + tokenizer("is strong", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    expected = (
+        tokenizer("the state of the union", add_special_tokens=False)["input_ids"]
+        + [tokenizer.eos_token_id]
+        + tokenizer("is strong", add_special_tokens=False)["input_ids"]
+        + [tokenizer.eos_token_id]
+    )
     assert stream.tolist() == expected
     sequences = list(iter_sequences(data, tokenizer))
     assert len(sequences) == len(expected) // 4
     assert sorted(map(tuple, (s.tolist() for s in sequences))) == sorted(
-        tuple(expected[i:i + 4]) for i in range(0, len(expected) // 4 * 4, 4))
+        tuple(expected[i : i + 4]) for i in range(0, len(expected) // 4 * 4, 4)
+    )
 
 
 def test_jsonl_text_column(tmp_path, tokenizer):
@@ -33,14 +38,17 @@ def test_jsonl_text_column(tmp_path, tokenizer):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     data = DataConfig(files=[str(tmp_path / "d.jsonl")], split="all", n_ctx=2)
     assert local_token_stream(data, tokenizer).numel() == sum(
-        len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
+        len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) + 1 for r in rows
+    )
 
 
 def test_train_and_test_splits_are_disjoint_and_cover_all(tmp_path, tokenizer):
     make_corpus(tmp_path, n_docs=100, words_per_doc=20)
 
     def n_tokens(split):
-        return local_token_stream(DataConfig(files=[str(tmp_path / "*.txt")], split=split, n_ctx=8), tokenizer).numel()
+        return local_token_stream(
+            DataConfig(files=[str(tmp_path / "*.txt")], split=split, n_ctx=8), tokenizer
+        ).numel()
 
     assert n_tokens("train") + n_tokens("test") == n_tokens("all")
     assert 0 < n_tokens("test") < 0.2 * n_tokens("all")
@@ -65,7 +73,9 @@ def test_seed_sets_the_order(corpus_dir, tokenizer):
 def test_too_small_corpus_says_how_many_tokens(tmp_path, tokenizer):
     (tmp_path / "a.txt").write_text("the state of the union")
     data = DataConfig(files=[str(tmp_path / "a.txt")], split="all", n_ctx=4)
-    with pytest.raises(DataError, match=r"n_samples: the data has 3 sequences of 4 tokens \(12 tokens\); the run needs 10"):
+    with pytest.raises(
+        DataError, match=r"n_samples: the data has 3 sequences of 4 tokens \(12 tokens\); the run needs 10"
+    ):
         next(iter_batches(data, tokenizer, batch_size=2, n_samples=10, field="n_samples"))
 
 
@@ -73,3 +83,24 @@ def test_missing_files_are_one_line(tmp_path, tokenizer):
     data = DataConfig(files=[str(tmp_path / "missing*.txt")], n_ctx=4)
     with pytest.raises(DataError, match="matches no file"):
         local_token_stream(data, tokenizer)
+
+
+def test_dataset_name_path_streams_pretokenized_rows(tmp_path, tokenizer):
+    # the hub code path (`datasets.load_dataset(name, streaming=True)`), pointed at a local folder
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    rows = [{"input_ids": list(range(i * 10, i * 10 + 10))} for i in range(6)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = DataConfig(dataset_name=str(folder), is_tokenized=True, n_ctx=5, seed=0)
+    sequences = [s.tolist() for s in iter_sequences(data, tokenizer)]
+    # 6 rows of 10 ids -> 12 sequences of 5, each a contiguous slice of one row
+    assert len(sequences) == 12
+    assert sorted(sequences) == sorted([list(range(k * 5, k * 5 + 5)) for k in range(12)])
+    batches = list(iter_batches(data, tokenizer, batch_size=4, n_samples=8, field="n_samples"))
+    assert [b.shape for b in batches] == [torch.Size([4, 5]), torch.Size([4, 5])]
+
+
+def test_unreachable_dataset_name_is_one_line(tmp_path, tokenizer):
+    data = DataConfig(dataset_name=str(tmp_path / "no-such-dataset"), n_ctx=4)
+    with pytest.raises(DataError, match=r"^dataset_name: cannot load .*no-such-dataset"):
+        next(iter_sequences(data, tokenizer))

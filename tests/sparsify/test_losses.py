@@ -42,11 +42,19 @@ def test_logits_kl_is_zero_for_equal_logits_and_shift_invariant():
 
 def test_weighted_total_uses_each_coefficient():
     cfg = LossConfig.model_validate(
-        {"sparsity": {"coeff": 2.0}, "out_to_in": {"coeff": 0.0}, "logits_kl": {"coeff": 0.5},
-         "in_to_orig": {"total_coeff": 3.0, "hook_positions": ["blocks.1.hook_resid_pre"]}}
+        {
+            "sparsity": {"coeff": 2.0},
+            "out_to_in": {"coeff": 0.0},
+            "logits_kl": {"coeff": 0.5},
+            "in_to_orig": {"total_coeff": 3.0, "hook_positions": ["blocks.1.hook_resid_pre"]},
+        }
     )
-    terms = {"sparsity": torch.tensor(1.0), "out_to_in": torch.tensor(100.0),
-             "logits_kl": torch.tensor(4.0), "in_to_orig": torch.tensor(0.5)}
+    terms = {
+        "sparsity": torch.tensor(1.0),
+        "out_to_in": torch.tensor(100.0),
+        "logits_kl": torch.tensor(4.0),
+        "in_to_orig": torch.tensor(0.5),
+    }
     # 2*1 + 0*100 + 0.5*4 + 3*0.5
     assert weighted_total(terms, cfg).item() == pytest.approx(5.5)
 

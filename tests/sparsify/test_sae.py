@@ -49,4 +49,9 @@ def test_codes_are_relu_of_affine_encoder():
 
 
 def test_state_dict_keys_match_reference_format():
-    assert sorted(SAE(2, 3).state_dict()) == ["decoder.bias", "decoder.weight", "encoder.0.bias", "encoder.0.weight"]
+    assert sorted(SAE(2, 3).state_dict()) == [
+        "decoder.bias",
+        "decoder.weight",
+        "encoder.0.bias",
+        "encoder.0.weight",
+    ]

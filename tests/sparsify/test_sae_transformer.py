@@ -73,3 +73,24 @@ def test_stop_at_layer_captures_the_same_activation(model, tiny_tokens):
 def test_unknown_hook_lists_close_names(tiny_bridge):
     with pytest.raises(HookNameError, match=r"no hook 'blocks.1.hook_resid_pr'.*blocks.1.hook_resid_pre"):
         SAETransformer(tiny_bridge, ["blocks.1.hook_resid_pr"], 1.0)
+
+
+def test_skip_first_position_leaves_position_0_untouched(tiny_bridge, tiny_tokens):
+    torch.manual_seed(0)
+    model = SAETransformer(tiny_bridge, [POS], 2.0, skip_first_position=True)
+    raw = model.forward_raw(tiny_tokens, capture=[POS])
+    out = model(tiny_tokens)
+    acts = out.sae_acts[POS]
+    assert acts.codes.shape == (2, 11, 128)
+    assert_close(acts.sae_in, raw.acts[POS][:, 1:])
+    # causal model: the prediction at position 0 sees only position 0, which the SAE left alone
+    assert_close(out.logits[:, 0], raw.logits[:, 0])
+    assert (out.logits[:, 1:] - raw.logits[:, 1:]).abs().max() > 1e-3
+
+
+def test_decoder_bias_from_data_is_the_mean_input(tiny_bridge, tiny_tokens):
+    torch.manual_seed(0)
+    model = SAETransformer(tiny_bridge, [POS], 2.0, skip_first_position=True)
+    model.init_decoder_bias_from_data(tiny_tokens)
+    expected = model.forward_raw(tiny_tokens, capture=[POS]).acts[POS][:, 1:].mean(dim=(0, 1))
+    assert_close(model.sae(POS).decoder.bias.data, expected)

@@ -14,12 +14,23 @@ from sparsify.trainer import build_model, train
 
 
 def test_e2e_training_lowers_the_loss_and_writes_the_run(tiny_bridge, tiny_model_dir, corpus_dir, tmp_path):
-    cfg = validate_config(tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, n_samples=128, log_every_n_grad_steps=1))
+    cfg = validate_config(
+        tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, n_samples=128, log_every_n_grad_steps=1)
+    )
     logged = []
-    result = train(cfg, tlens_model=tiny_bridge, report=lambda m, d: logged.append((m, d)), show_progress=False)
+    result = train(
+        cfg, tlens_model=tiny_bridge, report=lambda m, d: logged.append((m, d)), show_progress=False
+    )
     m = result.metrics
-    for key in (names.EVAL_L0, names.EVAL_CE_LOSS_INCREASE, names.EVAL_ALIVE, names.EVAL_KL, "eval/top1_agreement",
-                "eval/explained_variance/blocks.1.hook_resid_pre", "train/tokens_seen"):
+    for key in (
+        names.EVAL_L0,
+        names.EVAL_CE_LOSS_INCREASE,
+        names.EVAL_ALIVE,
+        names.EVAL_KL,
+        "eval/top1_agreement",
+        "eval/explained_variance/blocks.1.hook_resid_pre",
+        "train/tokens_seen",
+    ):
         assert key in m and math.isfinite(m[key]), key
     assert m["train/tokens_seen"] == 128 * 16
     assert m[names.EVAL_CE_LOSS_INCREASE] == pytest.approx(m["eval/ce_loss_sae"] - m["eval/ce_loss_orig"])
@@ -28,7 +39,9 @@ def test_e2e_training_lowers_the_loss_and_writes_the_run(tiny_bridge, tiny_model
     assert {"sae.safetensors", "config.yaml", "metrics.json"} <= files
     saved = load_file(result.run_dir / "sae.safetensors")
     assert saved["blocks-1-hook_resid_pre.decoder.weight"].shape == (64, 128)
-    assert json.loads((result.run_dir / "metrics.json").read_text())[names.EVAL_L0] == pytest.approx(m[names.EVAL_L0])
+    assert json.loads((result.run_dir / "metrics.json").read_text())[names.EVAL_L0] == pytest.approx(
+        m[names.EVAL_L0]
+    )
     assert logged[-1][1] == result.run_dir  # the final report carries the checkpoint folder
 
 
@@ -40,7 +53,9 @@ def test_training_reduces_the_e2e_loss(tiny_bridge, tiny_model_dir, corpus_dir, 
 
 
 def test_same_seed_gives_the_same_sae(tiny_bridge, tiny_model_dir, corpus_dir, tmp_path):
-    cfg = validate_config(tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, save_dir=None, eval_data=None, n_samples=32))
+    cfg = validate_config(
+        tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, save_dir=None, eval_data=None, n_samples=32)
+    )
     a = train(cfg, tlens_model=tiny_bridge, show_progress=False).model.saes.state_dict()
     b = train(cfg, tlens_model=tiny_bridge, show_progress=False).model.saes.state_dict()
     for key in a:
@@ -48,8 +63,9 @@ def test_same_seed_gives_the_same_sae(tiny_bridge, tiny_model_dir, corpus_dir, t
 
 
 def test_local_arm_stops_after_the_sae_layer(tiny_bridge, tiny_model_dir, corpus_dir, tmp_path):
-    local = tiny_train_config(tiny_model_dir, corpus_dir, tmp_path,
-                              loss={"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}})
+    local = tiny_train_config(
+        tiny_model_dir, corpus_dir, tmp_path, loss={"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}}
+    )
     cfg = validate_config(local)
     plan = make_loss_plan(build_model(cfg, tiny_bridge), cfg.loss)
     assert plan.stop_at_layer == 2 and not cfg.loss.needs_original_model
@@ -57,16 +73,21 @@ def test_local_arm_stops_after_the_sae_layer(tiny_bridge, tiny_model_dir, corpus
 
 def test_e2e_ds_resolves_later_resid_pre_hooks(tiny_bridge, tiny_model_dir, corpus_dir, tmp_path):
     loss = {"sparsity": {"coeff": 1.0}, "logits_kl": {"coeff": 0.5}, "in_to_orig": {"total_coeff": 2.5}}
-    cfg = validate_config(tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, loss=loss, save_dir=None, n_samples=16))
+    cfg = validate_config(
+        tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, loss=loss, save_dir=None, n_samples=16)
+    )
     plan = make_loss_plan(build_model(cfg, tiny_bridge), cfg.loss)
     assert plan.in_to_orig_hooks == ("blocks.2.hook_resid_pre",) and plan.stop_at_layer is None
     result = train(cfg, tlens_model=tiny_bridge, show_progress=False)
     assert result.metrics["eval/loss/in_to_orig"] > 0
 
 
-def test_diverged_loss_raises_with_step_and_term(tiny_bridge, tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
-    cfg = validate_config(tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, save_dir=None,
-                                            eval_data=None, n_samples=64))
+def test_diverged_loss_raises_with_step_and_term(
+    tiny_bridge, tiny_model_dir, corpus_dir, tmp_path, monkeypatch
+):
+    cfg = validate_config(
+        tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, save_dir=None, eval_data=None, n_samples=64)
+    )
     monkeypatch.setattr("sparsify.evaluation.sparsity_loss", lambda *args: torch.tensor(float("inf")))
     with pytest.raises(DivergedError, match="'sparsity' is inf at step 0") as info:
         train(cfg, tlens_model=tiny_bridge, show_progress=False)

@@ -21,7 +21,7 @@ def points(xy, **extra):
 
 
 def as_tuples(df):
-    return list(zip(df["x"].tolist(), df["y"].tolist()))
+    return list(zip(df["x"].tolist(), df["y"].tolist(), strict=False))
 
 
 def test_frontier_drops_dominated_trial():

@@ -75,8 +75,15 @@ def test_report_markdown_shows_frontiers_counts_ratio_and_hypervolume(report_md)
 
 def test_report_says_when_frontiers_do_not_overlap(tmp_path, no_plots):
     for arm, trial_id, l0, ce in [("local", "l0", 10.0, 0.9), ("e2e", "e0", 10.0, 0.1)]:
-        write_trial_record(tmp_path, {"arm": arm, "trial_id": trial_id, "status": "finished",
-                                      "metrics": {EVAL_L0: l0, EVAL_CE_LOSS_INCREASE: ce}})
+        write_trial_record(
+            tmp_path,
+            {
+                "arm": arm,
+                "trial_id": trial_id,
+                "status": "finished",
+                "metrics": {EVAL_L0: l0, EVAL_CE_LOSS_INCREASE: ce},
+            },
+        )
     text = build_report(tmp_path).read_text()
     assert "do not overlap" in text
 

@@ -25,7 +25,9 @@ def record(arm, trial_id, status="finished", l0=10.0, ce=0.2, coeff=1.0, **metri
 @pytest.fixture
 def sweep_dir(tmp_path):
     write_trial_record(tmp_path, record("local", "local_00001", status="diverged", l0=float("nan"), ce=None))
-    write_trial_record(tmp_path, record("local", "local_00000", l0=12.0, ce=0.3, coeff=0.5, **{EVAL_ALIVE: 800}))
+    write_trial_record(
+        tmp_path, record("local", "local_00000", l0=12.0, ce=0.3, coeff=0.5, **{EVAL_ALIVE: 800})
+    )
     write_trial_record(tmp_path, record("e2e", "e2e_00000", l0=4.0, ce=0.1, coeff=2.0))
     local = tmp_path / "trials" / "local"
     (local / ".local_00002.json.abc.tmp").write_text('{"arm": "local", "trial_id": "loc')

@@ -14,11 +14,15 @@ MINIMAL = {
     "num_samples": 2,
     "base_config": {"saes": {"sae_positions": ["blocks.1.hook_resid_pre"]}, "n_samples": 16, "lr": 1e-3},
     "arms": {
-        "local": {"loss": {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}},
-                  "search": {"loss.sparsity.coeff": {"type": "loguniform", "low": 0.1, "high": 10}}},
-        "e2e": {"loss": {"sparsity": {"coeff": 1.0}, "logits_kl": {"coeff": 1.0}},
-                "set": {"saes.dict_size_to_input_ratio": 4},
-                "search": {"lr": {"type": "categorical", "values": [1e-3, 3e-3]}}},
+        "local": {
+            "loss": {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}},
+            "search": {"loss.sparsity.coeff": {"type": "loguniform", "low": 0.1, "high": 10}},
+        },
+        "e2e": {
+            "loss": {"sparsity": {"coeff": 1.0}, "logits_kl": {"coeff": 1.0}},
+            "set": {"saes.dict_size_to_input_ratio": 4},
+            "search": {"lr": {"type": "categorical", "values": [1e-3, 3e-3]}},
+        },
     },
 }
 
@@ -55,20 +59,27 @@ def test_arm_settings_and_params_land_in_the_trial_config(tmp_path):
     assert cfg.lr == 3e-3 and cfg.saes.dict_size_to_input_ratio == 4
     assert cfg.loss.coeffs() == {"sparsity": 1.0, "logits_kl": 1.0}
     local = loaded.trial_config("local", {"loss.sparsity.coeff": 0.5})
-    assert local.loss.coeffs() == {"sparsity": 0.5, "out_to_in": 1.0} and local.saes.dict_size_to_input_ratio == 1.0
+    assert (
+        local.loss.coeffs() == {"sparsity": 0.5, "out_to_in": 1.0}
+        and local.saes.dict_size_to_input_ratio == 1.0
+    )
 
 
 def test_typo_in_a_searched_path_fails_at_load(tmp_path):
     tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
     tree["arms"]["local"]["search"] = {"loss.sparsity.cof": {"type": "uniform", "low": 0.1, "high": 1}}
-    with pytest.raises(ConfigError, match=r"space.yaml: arms.local: loss.sparsity.cof: unknown field; did you mean coeff\?"):
+    with pytest.raises(
+        ConfigError, match=r"space.yaml: arms.local: loss.sparsity.cof: unknown field; did you mean coeff\?"
+    ):
         load_search_space(write(tmp_path, tree))
 
 
 def test_inverted_range_is_rejected(tmp_path):
     tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
     tree["arms"]["local"]["search"]["loss.sparsity.coeff"] = {"type": "loguniform", "low": 10, "high": 1}
-    with pytest.raises(ConfigError, match=r"arms.local.search.loss.sparsity.coeff: low \(10\) must be below high \(1\)"):
+    with pytest.raises(
+        ConfigError, match=r"arms.local.search.loss.sparsity.coeff: low \(10\) must be below high \(1\)"
+    ):
         load_search_space(write(tmp_path, tree))
 
 

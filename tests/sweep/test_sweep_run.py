@@ -36,12 +36,20 @@ def test_sweep_runs_both_arms_records_a_diverged_trial_and_writes_the_report(
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
         "base_config": base,
         "arms": {
-            "local": {"loss": {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}},
-                      "search": {"loss.sparsity.coeff": {"type": "loguniform", "low": 0.01, "high": 1.0}}},
+            "local": {
+                "loss": {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}},
+                "search": {"loss.sparsity.coeff": {"type": "loguniform", "low": 0.01, "high": 1.0}},
+            },
             # lr 1e30 overflows the out_to_in term: that trial is recorded as diverged and the
             # sweep goes on
-            "e2e": {"loss": {"sparsity": {"coeff": 1.0}, "logits_kl": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}},
-                    "search": {"lr": {"type": "categorical", "values": [1e-3, 1e30]}}},
+            "e2e": {
+                "loss": {
+                    "sparsity": {"coeff": 1.0},
+                    "logits_kl": {"coeff": 1.0},
+                    "out_to_in": {"coeff": 1.0},
+                },
+                "search": {"lr": {"type": "categorical", "values": [1e-3, 1e30]}},
+            },
         },
     }
     path = tmp_path / "tiny.yaml"
