@@ -51,6 +51,19 @@ def to_tune(dist: Distribution) -> Any:
     return tune.choice(list(dist.values or []))
 
 
+def optuna_sampler(name: str, seed: int) -> Any:
+    """The Optuna sampler a search space names, seeded."""
+    import optuna
+
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }
+    return samplers[name]()
+
+
 def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
     """Print every arm's fixed settings and `num_samples` sampled trial configs (validated)."""
     space = loaded.space
@@ -66,8 +79,9 @@ def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
             shown = ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
             )
+            terms = ", ".join(f"{term} {coeff:g}" for term, coeff in cfg.loss.coeffs().items())
             print(
-                f"  trial {i}: {shown or '(no searched parameters)'} | loss {cfg.loss.coeffs()} "
+                f"  trial {i}: {shown or '(no searched parameters)'} | loss {terms} "
                 f"| {cfg.n_samples} samples x {cfg.train_data.n_ctx} tokens | model {cfg.model_name}"
             )
 
@@ -87,7 +101,8 @@ def start_ray() -> Any:
 
 
 def check_resources(loaded: LoadedSpace) -> None:
-    """Fail fast when one trial asks for more than the whole cluster has (it would hang)."""
+    """Fail fast when one trial asks for more than this machine has (it would hang). Not used
+    on a cluster, where the autoscaler may add the nodes a trial needs."""
     import ray
 
     res = loaded.space.resources
@@ -130,8 +145,9 @@ def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: 
     )
     study.set_metric_names(space.metrics)
     searcher = FailNonFiniteOptunaSearch(
-        metric=space.metrics, mode=space.modes, seed=space.seed, storage=storage, study_name=arm_name
-    )
+        metric=space.metrics, mode=space.modes, sampler=optuna_sampler(space.sampler, space.seed),
+        storage=storage, study_name=arm_name, points_to_evaluate=space.arms[arm_name].initial_points or None,
+    )  # fmt: skip
     param_space = {ARM_KEY: arm_name, **{p: to_tune(d) for p, d in space.arms[arm_name].search.items()}}
     return tune.Tuner(
         trainable,
@@ -192,7 +208,8 @@ def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
     print(f"preparing model {example.model_name} and data (cached after the first run) ...", flush=True)
     prepare(example)
     context = start_ray()
-    check_resources(loaded)
+    if not os.environ.get("RAY_ADDRESS"):
+        check_resources(loaded)
     dashboard = getattr(context, "dashboard_url", None)
     if dashboard:
         print(f"Ray dashboard: http://{dashboard}", flush=True)

@@ -65,6 +65,13 @@ class Distribution(StrictModel):
             return [int(self.low), int(self.high)]  # type: ignore[arg-type]
         return [self.low, self.high]
 
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in (self.values or [])
+        if not isinstance(value, (int, float)) or (self.type == "int" and not float(value).is_integer()):
+            return False
+        return (self.low or 0.0) <= value <= (self.high or 0.0)
+
     def sample(self, rng: random.Random) -> Any:
         """One value (dry runs; real sweeps sample with Optuna)."""
         low, high = self.low or 0.0, self.high or 0.0
@@ -84,6 +91,21 @@ class Arm(StrictModel):
     """Fixed values by dotted path, e.g. `saes.dict_size_to_input_ratio: 4`."""
     search: dict[str, Distribution] = Field(default_factory=dict)
     """Searched values by dotted path, e.g. `loss.sparsity.coeff: {type: loguniform, ...}`."""
+    initial_points: list[dict[str, Any]] = Field(default_factory=list)
+    """Parameter sets tried first (each names every searched path), before the sampler's own."""
+
+    @model_validator(mode="after")
+    def _points_cover_the_search(self) -> Arm:
+        for i, point in enumerate(self.initial_points):
+            if set(point) != set(self.search):
+                raise ValueError(
+                    f"initial_points[{i}] must set exactly the searched paths "
+                    f"({', '.join(self.search) or 'none'}); got {', '.join(point) or 'none'}"
+                )
+            for path, value in point.items():
+                if not self.search[path].contains(value):
+                    raise ValueError(f"initial_points[{i}]: {path} = {value!r} is outside its search range")
+        return self
 
 
 class Objective(StrictModel):
@@ -122,6 +144,10 @@ class SearchSpace(StrictModel):
     """Local folder (relative to the working directory) or cloud URI for results."""
     seed: int = 0
     """Seeds the Optuna samplers."""
+    sampler: Literal["tpe", "nsga2", "qmc", "random"] = "tpe"
+    """Optuna sampler of every arm's study: `tpe` (multi-objective TPE; its first 10 trials are
+    random), `nsga2` (genetic, for large budgets), `qmc` (quasi-random Sobol points that spread
+    evenly over the ranges: best for a handful of trials), `random`."""
     resources: Resources = Resources()
 
     @model_validator(mode="after")
@@ -182,10 +208,12 @@ class LoadedSpace:
         return validate_config(tree, source=f"{self.source}: arms.{arm_name}")
 
     def sample_trials(self, arm_name: str, n: int, seed: int | None = None) -> list[dict[str, Any]]:
-        """`n` random parameter sets of an arm (what --dry-run prints)."""
+        """`n` parameter sets of an arm (what --dry-run prints): its initial points, then
+        random draws."""
         rng = random.Random(self.space.seed if seed is None else seed)
-        search = self.space.arms[arm_name].search
-        return [{path: dist.sample(rng) for path, dist in search.items()} for _ in range(n)]
+        arm = self.space.arms[arm_name]
+        sampled = [{path: dist.sample(rng) for path, dist in arm.search.items()} for _ in range(n)]
+        return (list(arm.initial_points) + sampled)[:n]
 
 
 def load_search_space(path: str | Path) -> LoadedSpace:

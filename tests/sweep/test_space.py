@@ -101,3 +101,18 @@ def test_set_dotted_creates_sections():
     set_dotted(tree, "loss.logits_kl.coeff", 0.5)
     set_dotted(tree, "loss.sparsity.coeff", 2)
     assert tree == {"loss": {"sparsity": {"coeff": 2}, "logits_kl": {"coeff": 0.5}}}
+
+
+def test_initial_points_come_first_and_must_match_the_search(tmp_path):
+    tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    tree["arms"]["local"]["initial_points"] = [{"loss.sparsity.coeff": 0.5}, {"loss.sparsity.coeff": 2.0}]
+    loaded = load_search_space(write(tmp_path, tree))
+    assert [p["loss.sparsity.coeff"] for p in loaded.sample_trials("local", 3)][:2] == [0.5, 2.0]
+    tree["arms"]["local"]["initial_points"] = [{"loss.sparsity.coeff": 50.0}]
+    with pytest.raises(
+        ConfigError, match=r"initial_points\[0\]: loss.sparsity.coeff = 50.0 is outside its search range"
+    ):
+        load_search_space(write(tmp_path, tree))
+    tree["arms"]["local"]["initial_points"] = [{"lr": 1e-3}]
+    with pytest.raises(ConfigError, match=r"initial_points\[0\] must set exactly the searched paths"):
+        load_search_space(write(tmp_path, tree))
