@@ -25,6 +25,7 @@ _EXPORTS = {
     "build_model": "sparsify.trainer",
     "run_dir_for": "sparsify.trainer",
     "load_tlens_model": "sparsify.model_loading",
+    "quiet_library_progress_bars": "sparsify.model_loading",
     "prepare": "sparsify.prefetch",
     "load_tokenizer": "sparsify.prefetch",
     "SparsifyError": "sparsify.errors",

@@ -77,3 +77,13 @@ def load_tlens_model(model_name: str, device: torch.device, dtype: str = "float3
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model_name: cannot load {kind} {model_name!r}: {first}") from None
     return bridge_from_hf(hf_model, tokenizer, source, device)
+
+
+def quiet_library_progress_bars() -> None:
+    """Turn off transformers' and datasets' per-file progress bars (entry points and Ray
+    workers call this; our own progress bar counts tokens)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()

@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config)
+        from sparsify.model_loading import quiet_library_progress_bars
         from sparsify.trainer import train
+
+        quiet_library_progress_bars()
 
         result = train(cfg)
     except SparsifyError as exc:

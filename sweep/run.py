@@ -199,13 +199,14 @@ def record_errors(results: Any, arm_name: str, sweep_dir: Path) -> None:
 
 def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
     """Run every arm's trials, then write and return the report (`sweep.report`)."""
-    from sparsify import prepare
+    from sparsify import prepare, quiet_library_progress_bars
     from sweep.report import build_report
 
     first_arm = next(iter(loaded.space.arms))
     example = loaded.trial_config(first_arm, loaded.sample_trials(first_arm, 1)[0])
     start = time.perf_counter()
     print(f"preparing model {example.model_name} and data (cached after the first run) ...", flush=True)
+    quiet_library_progress_bars()
     prepare(example)
     context = start_ray()
     if not os.environ.get("RAY_ADDRESS"):

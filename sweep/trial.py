@@ -24,7 +24,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 
-from sparsify import TrainConfig, train
+from sparsify import TrainConfig, quiet_library_progress_bars, train
 from sweep.results import write_trial_record
 from sweep.space import LoadedSpace
 
@@ -54,6 +54,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     if config.get("num_threads"):
         torch.set_num_threads(int(config["num_threads"]))
+    quiet_library_progress_bars()
     cfg = TrainConfig.model_validate(config["train_config"])
 
     def report(metrics: dict[str, float], run_dir: Path | None) -> None:
