@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
+from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -112,6 +113,9 @@ def _plot_view(
         any_positive_x |= bool((pd.to_numeric(points[x], errors="coerce") > 0).any())
     if any_positive_x:
         ax.set_xscale("log")
+        # plain numbers (8, 20, 30) read better than 2x10^1 on a short log axis
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel(x_label)
     ax.set_ylabel(CE_LABEL)
     ax.grid(True, alpha=0.3)

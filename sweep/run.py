@@ -10,6 +10,7 @@ same command resumes an interrupted sweep. At the end the frontier report is wri
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -202,12 +203,20 @@ def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
     from sparsify import prepare, quiet_library_progress_bars
     from sweep.report import build_report
 
-    first_arm = next(iter(loaded.space.arms))
-    example = loaded.trial_config(first_arm, loaded.sample_trials(first_arm, 1)[0])
     start = time.perf_counter()
-    print(f"preparing model {example.model_name} and data (cached after the first run) ...", flush=True)
     quiet_library_progress_bars()
-    prepare(example)
+    prepared: set[str] = set()
+    for arm_name in loaded.space.arms:
+        cfg = loaded.trial_config(arm_name, loaded.sample_trials(arm_name, 1)[0])
+        key = json.dumps(
+            [cfg.model_name, cfg.train_data.model_dump(), cfg.eval_data and cfg.eval_data.model_dump()]
+        )
+        if key not in prepared:
+            print(
+                f"preparing model {cfg.model_name} and its data (cached after the first run) ...", flush=True
+            )
+            prepare(cfg)
+            prepared.add(key)
     context = start_ray()
     if not os.environ.get("RAY_ADDRESS"):
         check_resources(loaded)

@@ -1,0 +1,54 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsify.config import LossConfig
+from sparsify.evaluation import loss_terms, make_loss_plan
+from sparsify.sae_transformer import SAETransformer
+
+POS = "blocks.1.hook_resid_pre"
+ALL_TERMS = {
+    "sparsity": {"coeff": 1.0, "p_norm": 1.0},
+    "out_to_in": {"coeff": 1.0},
+    "out_to_orig": {"coeff": 1.0},
+    "in_to_orig": {
+        "total_coeff": 1.0,
+        "hook_positions": ["blocks.2.hook_resid_pre", "blocks.2.hook_resid_post"],
+    },
+    "logits_kl": {"coeff": 1.0},
+}
+
+
+@pytest.fixture()
+def model(tiny_bridge):
+    torch.manual_seed(0)
+    return SAETransformer(tiny_bridge, [POS], 2.0)
+
+
+def test_every_term_matches_its_definition_on_one_batch(model, tiny_tokens):
+    plan = make_loss_plan(model, LossConfig.model_validate(ALL_TERMS))
+    terms, out = loss_terms(model, tiny_tokens, plan)
+    acts = out.sae_acts[POS]
+    raw = model.forward_raw(tiny_tokens, capture=[POS, *plan.in_to_orig_hooks])
+    with torch.no_grad():
+        assert terms["sparsity"].item() == pytest.approx(
+            acts.codes.abs().sum(-1).mean().item() / 64, rel=1e-5
+        )
+        assert terms["out_to_in"].item() == pytest.approx(
+            ((acts.sae_out - acts.sae_in) ** 2).mean().item(), rel=1e-5
+        )
+        # one SAE: its input is the original activation, so out_to_orig equals out_to_in
+        assert terms["out_to_orig"].item() == pytest.approx(terms["out_to_in"].item(), rel=1e-5)
+        mse = [((out.acts[h] - raw.acts[h]) ** 2).mean().item() for h in plan.in_to_orig_hooks]
+        assert terms["in_to_orig"].item() == pytest.approx(sum(mse) / 2, rel=1e-5)
+        p_orig = F.log_softmax(raw.logits, -1)
+        kl = (p_orig.exp() * (p_orig - F.log_softmax(out.logits, -1))).sum(-1).mean()
+        assert terms["logits_kl"].item() == pytest.approx(kl.item(), rel=1e-4)
+
+
+def test_unconfigured_terms_are_not_computed(model, tiny_tokens):
+    plan = make_loss_plan(
+        model, LossConfig.model_validate({"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}})
+    )
+    terms, out = loss_terms(model, tiny_tokens, plan)
+    assert set(terms) == {"sparsity", "out_to_in"} and out.logits is None
