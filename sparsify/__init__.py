@@ -27,7 +27,7 @@ _EXPORTS = {
     "load_tlens_model": "sparsify.model_loading",
     "quiet_library_progress_bars": "sparsify.model_loading",
     "prepare": "sparsify.prefetch",
-    "load_tokenizer": "sparsify.prefetch",
+    "load_tokenizer": "sparsify.model_loading",
     "SparsifyError": "sparsify.errors",
     "ConfigError": "sparsify.errors",
     "DataError": "sparsify.errors",

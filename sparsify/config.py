@@ -95,9 +95,9 @@ class SAEsConfig(StrictModel):
     dict_size_to_input_ratio: float = Field(default=1.0, gt=0)
     """Dictionary size = round(ratio * d_in)."""
     skip_first_position: bool = False
-    """Leave position 0 untouched: the SAEs neither read nor replace it, and losses and metrics
-    ignore it. Position 0 is an attention sink whose residual norm is 10-50x the others in most
-    LMs. Off in the reference library."""
+    """Leave position 0 untouched: the SAEs neither read nor replace it, and every loss term and
+    metric leaves it out. Position 0 is an attention sink whose residual norm is 10-50x the
+    others in most LMs. Off in the reference library."""
     decoder_bias_init: Literal["default", "data_mean"] = "default"
     """`default`: nn.Linear's init, as in the reference; `data_mean`: the mean SAE input over
     the first training batch (helps short runs on large-norm activations)."""
@@ -116,8 +116,8 @@ class DataConfig(StrictModel):
     """True when `column_name` already holds token ids."""
     column_name: str | None = None
     """Column with text (default `text`) or token ids (default `input_ids`)."""
-    streaming: bool = False
-    """Stream a hub dataset instead of downloading it whole."""
+    streaming: bool = True
+    """Stream a hub dataset instead of downloading it whole (shuffled in a 10k-row buffer)."""
     n_ctx: int = Field(default=128, gt=1)
     """Tokens per sequence."""
     seed: int = 0
@@ -154,6 +154,7 @@ class TrainConfig(StrictModel):
     n_samples: int = Field(gt=0)
     """Training sequences (of n_ctx tokens each)."""
     batch_size: int = Field(default=8, gt=0)
+    """Sequences per forward pass, over all DDP ranks together (each rank gets batch_size / ranks)."""
     effective_batch_size: int | None = Field(default=None, gt=0)
     """Sequences per optimizer step (gradient accumulation); a multiple of batch_size."""
     lr: float = Field(gt=0)
@@ -193,6 +194,11 @@ class TrainConfig(StrictModel):
                 f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
                 f"batch_size ({self.batch_size})"
             )
+        if self.n_samples < self.samples_per_step:
+            raise ValueError(
+                f"n_samples ({self.n_samples}) must be at least one optimizer step "
+                f"(effective_batch_size or batch_size = {self.samples_per_step})"
+            )
         if self.warmup_samples + self.cooldown_samples > self.n_samples:
             raise ValueError(
                 f"warmup_samples + cooldown_samples ({self.warmup_samples + self.cooldown_samples})"
@@ -211,7 +217,8 @@ class TrainConfig(StrictModel):
 
     @property
     def n_grad_steps(self) -> int:
-        return max(1, self.n_samples // self.samples_per_step)
+        """Optimizer steps; samples past the last whole step are not used."""
+        return self.n_samples // self.samples_per_step
 
 
 def _format_error(source: str, err: dict[str, Any], model: type[BaseModel]) -> str:

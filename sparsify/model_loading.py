@@ -6,7 +6,9 @@ model folder, or a Hugging Face hub name (needs network access).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +66,37 @@ def load_tlens_model(model_name: str, device: torch.device, dtype: str = "float3
         ConfigError: a local folder that does not hold a model, or a hub model that cannot be
             fetched (one line, with the underlying reason).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(model_name)
+    source = model_source(model_name)
+    with _model_load_errors(model_name, source):
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    return bridge_from_hf(hf_model, tokenizer, source, device)
+
+
+def load_tokenizer(model_name: str) -> Any:
+    """The tokenizer of `model_name` (embedded default, local folder or hub name).
+
+    Raises:
+        ConfigError: the model cannot be found or read (one line, with the reason).
+    """
+    from transformers import AutoTokenizer
 
     source = model_source(model_name)
-    is_local = Path(source).is_dir()
-    try:
+    with _model_load_errors(model_name, source):
         # add_bos_token stops TransformerLens from re-fetching the tokenizer by name
-        tokenizer = AutoTokenizer.from_pretrained(source, add_bos_token=True)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
-    except OSError as exc:
-        kind = "local folder" if is_local else "hub model"
+        return AutoTokenizer.from_pretrained(source, add_bos_token=True)
+
+
+@contextlib.contextmanager
+def _model_load_errors(model_name: str, source: str) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, ValueError) as exc:  # missing files, no network, not a model folder
+        kind = "local folder" if Path(source).is_dir() else "hub model"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model_name: cannot load {kind} {model_name!r}: {first}") from None
-    return bridge_from_hf(hf_model, tokenizer, source, device)
 
 
 def quiet_library_progress_bars() -> None:

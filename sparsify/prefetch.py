@@ -6,18 +6,9 @@ embedded model nor tokenize the same corpus at the same time.
 
 from __future__ import annotations
 
-from typing import Any
-
 from sparsify.config import TrainConfig
-from sparsify.data import count_local_sequences
-from sparsify.model_loading import model_source
-
-
-def load_tokenizer(model_name: str) -> Any:
-    """The tokenizer of `model_name` (embedded default, local folder or hub name)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_source(model_name), add_bos_token=True)
+from sparsify.data import check_data_budget, count_local_sequences
+from sparsify.model_loading import load_tokenizer
 
 
 def prepare(cfg: TrainConfig) -> dict[str, int | None]:
@@ -27,6 +18,7 @@ def prepare(cfg: TrainConfig) -> dict[str, int | None]:
         ConfigError, DataError, MissingPackageError: as the trainer would, but before any trial.
     """
     tokenizer = load_tokenizer(cfg.model_name)
+    check_data_budget(cfg, tokenizer)
     available: dict[str, int | None] = {}
     for field_name in ("train_data", "eval_data"):
         data = getattr(cfg, field_name)

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from sparsify.config import load_config
-from sparsify.errors import SparsifyError
+from sparsify.errors import DivergedError, SparsifyError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DivergedError as exc:
+        print(f"error: training diverged: {exc} (try a lower lr or max_grad_norm)", file=sys.stderr)
+        return 1
     headline = {k: v for k, v in result.metrics.items() if k.startswith("eval/") and "/blocks" not in k}
     print(json.dumps(headline, indent=2, sort_keys=True))
     if result.run_dir is not None:

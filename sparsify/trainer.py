@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from sparsify import metric_names as names
 from sparsify.checkpoint import save_run
 from sparsify.config import TrainConfig
-from sparsify.data import iter_batches
+from sparsify.data import check_data_budget, iter_batches
 from sparsify.errors import ConfigError, DivergedError
 from sparsify.evaluation import batch_sae_metrics, evaluate, loss_terms, make_loss_plan
 from sparsify.losses import weighted_total
@@ -124,14 +124,17 @@ def train(
     optimizer = torch.optim.Adam(model.saes.parameters(), lr=cfg.lr)
     state = TrainState()
     n_ctx = cfg.train_data.n_ctx
+    rank_batch_size = _per_rank(cfg.batch_size, world_size)
+    check_data_budget(cfg, tokenizer, world_size)
+    n_used = cfg.n_grad_steps * cfg.samples_per_step  # whole optimizer steps only
     batches = iter_batches(
-        cfg.train_data, tokenizer, cfg.batch_size, cfg.n_samples // world_size, "n_samples", rank, world_size
+        cfg.train_data, tokenizer, rank_batch_size, n_used // world_size, "n_samples", rank, world_size
     )
     if cfg.saes.decoder_bias_init == "data_mean":
         first = next(batches)
         _init_decoder_bias(model, first.to(device))
         batches = itertools.chain([first], batches)
-    progress = tqdm(total=cfg.n_samples * n_ctx, unit="tok", unit_scale=True, desc="train",
+    progress = tqdm(total=n_used * n_ctx, unit="tok", unit_scale=True, desc="train",
                     disable=not (is_main and show_progress), dynamic_ncols=True)  # fmt: skip
     window = TrainWindow()
     for micro_step, tokens in enumerate(batches):
@@ -173,6 +176,14 @@ def train(
         logger.info("saved SAEs, config and metrics to %s", run_dir)
     report(final, run_dir)
     return TrainResult(run_dir=run_dir, metrics=final, model=model)
+
+
+def _per_rank(batch_size: int, world_size: int) -> int:
+    if batch_size % world_size:
+        raise ConfigError(
+            f"batch_size ({batch_size}) must be divisible by the number of DDP ranks ({world_size})"
+        )
+    return batch_size // world_size
 
 
 def _tracker(cfg: TrainConfig, run_dir: Path | None) -> Tracker:

@@ -35,7 +35,17 @@ RAY_ENV_DEFAULTS = {
 
 
 def sweep_folder(storage_path: str, name: str) -> Path:
-    """The one place a sweep's folder path is built: storage_path / name (absolute)."""
+    """The one place a sweep's folder path is built: storage_path / name (absolute).
+
+    Raises:
+        SparsifyError: for a URI (`s3://...`): trial records and SAE runs are written with local
+            file I/O, so on a cluster use a shared filesystem path (e.g. an NFS/EFS mount).
+    """
+    if "://" in storage_path:
+        raise SparsifyError(
+            f"storage_path: {storage_path!r} is a URI; use a local or shared-filesystem folder "
+            "(e.g. an EFS/NFS mount on every node)"
+        )
     return (Path(storage_path).expanduser() / name).resolve()
 
 
@@ -248,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         loaded = load_search_space(args.search_space)
-        num_samples = args.num_samples or loaded.space.num_samples
+        num_samples = loaded.space.num_samples if args.num_samples is None else args.num_samples
         if num_samples < 1:
             raise SparsifyError(f"--num-samples: must be >= 1 (got {num_samples})")
         if args.dry_run:

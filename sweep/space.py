@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sparsify import metric_names as names
 from sparsify.config import TrainConfig, read_yaml, validate_config, validate_model
+from sparsify.errors import ConfigError
 
 PRODUCED_EVAL_METRICS = (
     names.EVAL_L0,
@@ -236,7 +237,11 @@ def load_search_space(path: str | Path) -> LoadedSpace:
         corners = {param: dist.corners() for param, dist in arm.search.items()}
         # all searched params at their low ends, then each param at each of its corners
         low = {param: values[0] for param, values in corners.items()}
-        loaded.trial_config(arm_name, low)
+        if loaded.trial_config(arm_name, low).eval_data is None:
+            raise ConfigError(
+                f"{path}: arms.{arm_name}: eval_data is null, but the objectives are eval metrics; "
+                "give base_config an eval_data section"
+            )
         for param, values in corners.items():
             for value in values[1:]:
                 loaded.trial_config(arm_name, {**low, param: value})

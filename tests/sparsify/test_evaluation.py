@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.config import LossConfig
+from sparsify.errors import HookNameError
 from sparsify.evaluation import loss_terms, make_loss_plan
 from sparsify.sae_transformer import SAETransformer
 
@@ -52,3 +53,27 @@ def test_unconfigured_terms_are_not_computed(model, tiny_tokens):
     )
     terms, out = loss_terms(model, tiny_tokens, plan)
     assert set(terms) == {"sparsity", "out_to_in"} and out.logits is None
+
+
+def test_out_to_orig_and_kl_leave_out_a_skipped_first_position(tiny_bridge, tiny_tokens):
+    torch.manual_seed(0)
+    model = SAETransformer(tiny_bridge, [POS], 2.0, skip_first_position=True)
+    plan = make_loss_plan(model, LossConfig.model_validate(ALL_TERMS))
+    terms, out = loss_terms(model, tiny_tokens, plan)
+    raw = model.forward_raw(tiny_tokens, capture=[POS])
+    with torch.no_grad():
+        assert terms["out_to_orig"].item() == pytest.approx(terms["out_to_in"].item(), rel=1e-5)
+        p_orig = F.log_softmax(raw.logits[:, 1:], -1)
+        kl = (p_orig.exp() * (p_orig - F.log_softmax(out.logits[:, 1:], -1))).sum(-1).mean()
+        assert terms["logits_kl"].item() == pytest.approx(kl.item(), rel=1e-4)
+
+
+def test_in_to_orig_hook_upstream_of_the_sae_is_rejected(model):
+    loss = LossConfig.model_validate(
+        {
+            "sparsity": {"coeff": 1.0},
+            "in_to_orig": {"total_coeff": 1.0, "hook_positions": ["blocks.0.hook_resid_pre"]},
+        }
+    )
+    with pytest.raises(HookNameError, match="'blocks.0.hook_resid_pre' is not downstream of the SAEs"):
+        make_loss_plan(model, loss)

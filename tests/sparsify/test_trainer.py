@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from sparsify import metric_names as names
 from sparsify.config import validate_config
-from sparsify.errors import DivergedError
+from sparsify.errors import DataError, DivergedError
 from sparsify.evaluation import make_loss_plan
 from sparsify.trainer import build_model, train
 
@@ -99,3 +99,35 @@ def test_diverged_error_survives_pickling():
 
     error = pickle.loads(pickle.dumps(DivergedError(3, "logits_kl", float("nan"))))
     assert (error.step, error.term, str(error)) == (3, "logits_kl", "loss term 'logits_kl' is nan at step 3")
+
+
+def test_only_whole_optimizer_steps_are_trained(tiny_bridge, tiny_model_dir, corpus_dir, tmp_path):
+    cfg = validate_config(
+        tiny_train_config(
+            tiny_model_dir,
+            corpus_dir,
+            tmp_path,
+            save_dir=None,
+            eval_data=None,
+            n_samples=40,
+            batch_size=8,
+            effective_batch_size=16,
+        )
+    )
+    assert cfg.grad_accum_steps == 2 and cfg.n_grad_steps == 2
+    result = train(cfg, tlens_model=tiny_bridge, show_progress=False)
+    assert result.metrics["train/tokens_seen"] == 32 * 16  # 2 steps x 16 sequences x 16 tokens
+
+
+def test_eval_data_too_small_fails_before_training(
+    tiny_bridge, tiny_model_dir, corpus_dir, tmp_path, monkeypatch
+):
+    cfg = validate_config(
+        tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, act_frequency_n_tokens=10**7)
+    )
+    monkeypatch.setattr("sparsify.trainer.loss_terms", lambda *a: pytest.fail("trained before checking data"))
+    with pytest.raises(
+        DataError,
+        match=r"act_frequency_n_tokens: eval_data has \d+ sequences of 16 tokens; the run needs 625000",
+    ):
+        train(cfg, tlens_model=tiny_bridge, show_progress=False)

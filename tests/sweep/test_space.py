@@ -116,3 +116,20 @@ def test_initial_points_come_first_and_must_match_the_search(tmp_path):
     tree["arms"]["local"]["initial_points"] = [{"lr": 1e-3}]
     with pytest.raises(ConfigError, match=r"initial_points\[0\] must set exactly the searched paths"):
         load_search_space(write(tmp_path, tree))
+
+
+def test_sweep_without_eval_data_is_rejected(tmp_path):
+    tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    tree["base_config"]["eval_data"] = None
+    with pytest.raises(
+        ConfigError, match=r"arms\.\w+: eval_data is null, but the objectives are eval metrics"
+    ):
+        load_search_space(write(tmp_path, tree))
+
+
+def test_uri_storage_and_zero_trials_are_one_line_errors(tmp_path, capsys):
+    path = write(tmp_path, MINIMAL)
+    assert run_main([str(path), "--num-samples", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --num-samples: must be >= 1 (got 0)"
+    assert run_main([str(path), "--storage", "s3://bucket/sweeps"]) == 2
+    assert "is a URI; use a local or shared-filesystem folder" in capsys.readouterr().err
