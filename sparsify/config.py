@@ -270,7 +270,9 @@ def validate_model(model: type[M], raw: Any, source: str) -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        lines = [_format_error(source, e, model) for e in exc.errors()]
+        # an unknown field usually explains a "Field required" next to it: list it first
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        lines = [_format_error(source, e, model) for e in errors]
         raise ConfigError("\n".join(lines)) from None
 
 

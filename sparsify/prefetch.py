@@ -1,27 +1,42 @@
-"""Make a config's model and data ready before many processes use them.
+"""Check and prepare a config's model and data before many processes use them.
 
-A sweep calls `prepare(cfg)` once in its driver, so parallel trials neither dequantize the
-embedded model nor tokenize the same corpus at the same time.
+A sweep calls `prepare(cfg)` once per SAE type in its driver, before Ray starts: the embedded
+model is dequantized and the corpus tokenized once (not by parallel trials at the same time),
+and every mistake that would otherwise surface inside each trial (a hook the model lacks, n_ctx
+above the model's context, missing or too small data) fails here, once.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from sparsify.config import TrainConfig
-from sparsify.data import check_data_budget, count_local_sequences
-from sparsify.model_loading import load_tokenizer
+from sparsify.data import check_data_budget
 
 
-def prepare(cfg: TrainConfig) -> dict[str, int | None]:
-    """Cache the model and tokenize local data; returns the sequences available per split.
+def prepare(cfg: TrainConfig, tlens_model: Any | None = None) -> Any:
+    """Load the model on CPU (unless given), build the SAEs and loss plan, check the data budget.
+
+    Args:
+        tlens_model: a model already loaded for `cfg.model_name`, to skip loading it again.
+
+    Returns:
+        The loaded TransformerBridge, to pass to the next call for the same model.
 
     Raises:
-        ConfigError, DataError, MissingPackageError: as the trainer would, but before any trial.
+        ConfigError, DataError, HookNameError, MissingPackageError: as the trainer would, but
+            before any trial starts.
     """
-    tokenizer = load_tokenizer(cfg.model_name)
-    check_data_budget(cfg, tokenizer)
-    available: dict[str, int | None] = {}
-    for field_name in ("train_data", "eval_data"):
-        data = getattr(cfg, field_name)
-        if data is not None:
-            available[field_name] = count_local_sequences(data, tokenizer)
-    return available
+    from sparsify.evaluation import make_loss_plan
+    from sparsify.model_loading import load_tlens_model
+    from sparsify.trainer import build_model
+
+    if tlens_model is None:
+        # CPU: the sweep driver may run on a head node without a GPU
+        tlens_model = load_tlens_model(cfg.model_name, torch.device("cpu"), cfg.model_dtype)
+    model = build_model(cfg, tlens_model)
+    make_loss_plan(model, cfg.loss)
+    check_data_budget(cfg, tlens_model.tokenizer)
+    return tlens_model

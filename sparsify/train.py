@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     except SparsifyError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if not message.startswith(args.config):
+            message = f"{args.config}: {message}"  # errors found after loading name the file too
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except DivergedError as exc:
         print(f"error: training diverged: {exc} (try a lower lr or max_grad_norm)", file=sys.stderr)

@@ -163,7 +163,7 @@ def train(
             tracker.log(eval_metrics, state.step)
             report(eval_metrics, None)
         if due.save and run_dir is not None:
-            save_run(run_dir, model.saes.state_dict(), cfg, {}, _train_state(optimizer, state))
+            save_run(run_dir, model.saes.state_dict(), cfg, {})
     progress.close()
     final = window.flush(None, optimizer.param_groups[0]["lr"], state) if window.n_tokens else {}
     if cfg.eval_data is not None:
@@ -172,7 +172,7 @@ def train(
     tracker.log(final, state.step)
     tracker.close()
     if run_dir is not None:
-        save_run(run_dir, model.saes.state_dict(), cfg, final, _train_state(optimizer, state))
+        save_run(run_dir, model.saes.state_dict(), cfg, final)
         logger.info("saved SAEs, config and metrics to %s", run_dir)
     report(final, run_dir)
     return TrainResult(run_dir=run_dir, metrics=final, model=model)
@@ -288,7 +288,3 @@ def _check_finite(total: torch.Tensor, terms: dict[str, torch.Tensor], step: int
 
 def _prefixed(split: str, values: dict[str, float]) -> dict[str, float]:
     return {names.prefixed(split, k): v for k, v in values.items()}
-
-
-def _train_state(optimizer: torch.optim.Optimizer, state: TrainState) -> dict[str, Any]:
-    return {"optimizer": optimizer.state_dict(), "step": state.step, "samples_seen": state.samples_seen}

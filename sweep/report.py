@@ -9,13 +9,11 @@ matplotlib's Agg canvas directly, so importing this module changes no global bac
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +21,7 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sparsify.atomic import atomic_write_text, atomic_write_with
 from sparsify.metric_names import EVAL_ALIVE, EVAL_CE_LOSS_INCREASE, EVAL_L0
 from sweep.pareto import frontiers, hypervolume_2d, l0_ratio_at_matched_ce, shared_reference_point
 from sweep.results import PARAM_PREFIX, STATUSES, finished, load_results
@@ -43,26 +42,12 @@ class ReportError(Exception):
     """A report cannot be built from the given folder (missing, or no trial records)."""
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path next to `path`; on success move it over `path` with `os.replace`."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
-
-
 def _write_text(path: Path, text: str) -> None:
-    with _atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
 
 
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
-    with _atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+    atomic_write_with(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def _cell(value: object) -> str:
@@ -123,8 +108,7 @@ def _plot_view(
         ax.legend()
     # fixed margins: tight_layout would draw the figure twice
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.11, top=0.97)
-    with _atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def _counts_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sparsify.atomic import atomic_write_text
 from sparsify.metric_names import DEFAULT_OBJECTIVES
 
 logger = logging.getLogger(__name__)
@@ -80,15 +80,7 @@ def write_trial_record(sweep_dir: str | os.PathLike[str], record: dict[str, Any]
         raise ValueError(f"trial record is missing {', '.join(missing)}")
     path = trial_record_path(sweep_dir, record["arm"], record["trial_id"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
 
 

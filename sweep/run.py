@@ -10,7 +10,6 @@ same command resumes an interrupted sweep. At the end the frontier report is wri
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -215,18 +214,17 @@ def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
 
     start = time.perf_counter()
     quiet_library_progress_bars()
-    prepared: set[str] = set()
+    models: dict[str, Any] = {}
     for arm_name in loaded.space.arms:
-        cfg = loaded.trial_config(arm_name, loaded.sample_trials(arm_name, 1)[0])
-        key = json.dumps(
-            [cfg.model_name, cfg.train_data.model_dump(), cfg.eval_data and cfg.eval_data.model_dump()]
-        )
-        if key not in prepared:
-            print(
-                f"preparing model {cfg.model_name} and its data (cached after the first run) ...", flush=True
-            )
-            prepare(cfg)
-            prepared.add(key)
+        for params in loaded.sample_trials(arm_name, 1):
+            cfg = loaded.trial_config(arm_name, params)
+            print(f"checking arm {arm_name} on {cfg.model_name} (model and data cached after the first run) ...",
+                  flush=True)  # fmt: skip
+            try:
+                models[cfg.model_name] = prepare(cfg, models.get(cfg.model_name))
+            except SparsifyError as exc:
+                raise type(exc)(f"{loaded.source}: arms.{arm_name}: {exc}") from None
+    models.clear()  # the driver does not need the weights while trials run
     context = start_ray()
     if not os.environ.get("RAY_ADDRESS"):
         check_resources(loaded)

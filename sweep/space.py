@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparsify import metric_names as names
 from sparsify.config import TrainConfig, read_yaml, validate_config, validate_model
@@ -54,6 +54,8 @@ class Distribution(StrictModel):
             raise ValueError(f"{self.type} needs `low` and `high`")
         if self.low >= self.high:
             raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.type == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError(f"int needs whole-number low and high (got {self.low:g}, {self.high:g})")
         if self.type == "loguniform" and self.low <= 0:
             raise ValueError(f"loguniform needs low > 0 (got {self.low:g})")
         return self
@@ -95,8 +97,8 @@ class Arm(StrictModel):
     initial_points: list[dict[str, Any]] = Field(default_factory=list)
     """Parameter sets tried first (each names every searched path), before the sampler's own."""
 
-    @model_validator(mode="after")
-    def _points_cover_the_search(self) -> Arm:
+    def check_initial_points(self) -> None:
+        """Raises ValueError unless each initial point sets exactly the searched paths, in range."""
         for i, point in enumerate(self.initial_points):
             if set(point) != set(self.search):
                 raise ValueError(
@@ -106,7 +108,6 @@ class Arm(StrictModel):
             for path, value in point.items():
                 if not self.search[path].contains(value):
                     raise ValueError(f"initial_points[{i}]: {path} = {value!r} is outside its search range")
-        return self
 
 
 class Objective(StrictModel):
@@ -151,15 +152,16 @@ class SearchSpace(StrictModel):
     evenly over the ranges: best for a handful of trials), `random`."""
     resources: Resources = Resources()
 
-    @model_validator(mode="after")
-    def _objectives_exist(self) -> SearchSpace:
-        for objective in self.objectives:
+    @field_validator("objectives")
+    @classmethod
+    def _objectives_exist(cls, objectives: list[Objective]) -> list[Objective]:
+        for objective in objectives:
             if objective.metric not in PRODUCED_EVAL_METRICS:
                 raise ValueError(
-                    f"objective {objective.metric!r} is not a metric trials report; "
+                    f"{objective.metric!r} is not a metric trials report; "
                     f"allowed: {', '.join(PRODUCED_EVAL_METRICS)}"
                 )
-        return self
+        return objectives
 
     @property
     def metrics(self) -> list[str]:
@@ -245,4 +247,8 @@ def load_search_space(path: str | Path) -> LoadedSpace:
         for param, values in corners.items():
             for value in values[1:]:
                 loaded.trial_config(arm_name, {**low, param: value})
+        try:
+            arm.check_initial_points()
+        except ValueError as exc:
+            raise ConfigError(f"{path}: arms.{arm_name}: {exc}") from None
     return loaded

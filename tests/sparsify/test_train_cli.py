@@ -52,6 +52,6 @@ def test_cli_unknown_hook_lists_close_names(tiny_model_dir, corpus_dir, tmp_path
     assert main([str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(
-        "error: saes.sae_positions: the model has no hook 'blocks.1.hook_resid_pr'; closest:"
+        f"error: {path}: saes.sae_positions: the model has no hook 'blocks.1.hook_resid_pr'; closest:"
     )
     assert "\n" not in err

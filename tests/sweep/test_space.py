@@ -85,7 +85,7 @@ def test_inverted_range_is_rejected(tmp_path):
 
 def test_objective_must_be_a_reported_metric(tmp_path):
     tree = {**MINIMAL, "objectives": [{"metric": "eval/l0", "mode": "min"}]}
-    with pytest.raises(ConfigError, match="objective 'eval/l0' is not a metric trials report"):
+    with pytest.raises(ConfigError, match=r"space.yaml: objectives: 'eval/l0' is not a metric trials report"):
         load_search_space(write(tmp_path, tree))
 
 
@@ -133,3 +133,32 @@ def test_uri_storage_and_zero_trials_are_one_line_errors(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: --num-samples: must be >= 1 (got 0)"
     assert run_main([str(path), "--storage", "s3://bucket/sweeps"]) == 2
     assert "is a URI; use a local or shared-filesystem folder" in capsys.readouterr().err
+
+
+def test_int_range_needs_whole_numbers(tmp_path):
+    tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    tree["arms"]["local"]["search"]["batch_size"] = {"type": "int", "low": 4.5, "high": 16}
+    with pytest.raises(ConfigError, match=r"int needs whole-number low and high \(got 4.5, 16\)"):
+        load_search_space(write(tmp_path, tree))
+
+
+def test_typo_in_a_searched_path_is_reported_before_initial_points(tmp_path):
+    tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    tree["arms"]["local"]["initial_points"] = [{"loss.sparsity.coeff": 0.5}]
+    tree["arms"]["local"]["search"]["loss.sparsity.coef"] = {"type": "uniform", "low": 0.1, "high": 1}
+    with pytest.raises(ConfigError, match=r"loss.sparsity.coef: unknown field; did you mean coeff\?"):
+        load_search_space(write(tmp_path, tree))
+
+
+def test_bad_hook_fails_before_ray_starts_and_writes_nothing(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    from conftest import tiny_train_config
+
+    base = tiny_train_config(tiny_model_dir, corpus_dir, tmp_path)
+    del base["loss"]
+    base["saes"]["sae_positions"] = ["blocks.1.hook_resid_pr"]
+    tree = {**MINIMAL, "base_config": base, "storage_path": str(tmp_path / "sweeps")}
+    assert run_main([str(write(tmp_path, tree))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ": saes.sae_positions: the model has no hook 'blocks.1.hook_resid_pr'" in err[0]
+    assert err[0].startswith(f"error: {tmp_path / 'space.yaml'}: arms.")
+    assert not (tmp_path / "sweeps").exists()
