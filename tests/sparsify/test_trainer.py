@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 from conftest import tiny_train_config
-from safetensors.torch import load_file
 
 from sparsify import metric_names as names
+from sparsify.checkpoint import load_sae_weights
 from sparsify.config import validate_config
 from sparsify.errors import DataError, DivergedError
 from sparsify.evaluation import make_loss_plan
@@ -37,7 +37,7 @@ def test_e2e_training_lowers_the_loss_and_writes_the_run(tiny_bridge, tiny_model
     assert 0 < m[names.EVAL_ALIVE] <= 128
     files = {p.name for p in result.run_dir.iterdir()}
     assert {"sae.safetensors", "config.yaml", "metrics.json"} <= files
-    saved = load_file(result.run_dir / "sae.safetensors")
+    saved = load_sae_weights(result.run_dir / "sae.safetensors")
     assert saved["blocks-1-hook_resid_pre.decoder.weight"].shape == (64, 128)
     assert json.loads((result.run_dir / "metrics.json").read_text())[names.EVAL_L0] == pytest.approx(
         m[names.EVAL_L0]
