@@ -182,10 +182,7 @@ def logit_metrics(
 ) -> dict[str, float]:
     """CE of both models and the increase, KL, top-1 agreement and total variation, over
     positions >= `first`."""
-    return _logit_metrics(tokens[:, first:], orig_logits[:, first:], sae_logits[:, first:])
-
-
-def _logit_metrics(tokens: Tensor, orig_logits: Tensor, sae_logits: Tensor) -> dict[str, float]:
+    tokens, orig_logits, sae_logits = tokens[:, first:], orig_logits[:, first:], sae_logits[:, first:]
     ce_orig = metrics.ce_loss(orig_logits, tokens)
     ce_sae = metrics.ce_loss(sae_logits, tokens)
     return {

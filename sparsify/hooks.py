@@ -16,11 +16,6 @@ def hook_to_key(hook_name: str) -> str:
     return hook_name.replace(".", "-")
 
 
-def key_to_hook(key: str) -> str:
-    """Inverse of `hook_to_key`."""
-    return key.replace("-", ".")
-
-
 def block_index(hook_name: str) -> int | None:
     """Layer index of a `blocks.N.` hook; None for hooks outside the blocks (embed, ln_final)."""
     match = _BLOCK.match(hook_name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -47,8 +46,3 @@ class SAE(nn.Module):
         """Returns (codes, sae_out)."""
         codes = self.encode(sae_in)
         return codes, self.decode(codes)
-
-    @torch.no_grad()
-    def normalize_decoder_(self) -> None:
-        """Make stored decoder columns unit-norm (for loaded checkpoints; forward is unaffected)."""
-        self.decoder.weight.copy_(self.dict_elements)

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,6 @@ class TrainState:
 
     step: int = 0
     samples_seen: int = 0
-    last_log_step: int = 0
-    start_time: float = field(default_factory=time.perf_counter)
 
     def tokens_seen(self, n_ctx: int) -> int:
         return self.samples_seen * n_ctx
