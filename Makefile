@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-all check format clean-sweeps
+.PHONY: install quickstart test test-all check format clean-sweeps bench-venv bench
 
 install: $(STAMP)
 
@@ -26,6 +26,17 @@ test: install  ## fast tests (tiny random models; no network)
 
 test-all: install  ## also the slow tests on the real embedded model
 	$(BIN)/python -m pytest -q -m ""
+
+REF_VENV ?= .venv-ref
+bench-venv:  ## the reference e2e-sae 2.1.1 in its own venv (it needs transformer-lens < 4)
+	$(PY) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/pip install -q "$(TORCH)"
+	$(REF_VENV)/bin/pip install -q "$(TORCH)" e2e-sae==2.1.1 "transformer-lens<3" "datasets<4" "pyarrow<20"
+	# its torchvision build does not match this torch, and nothing on the benchmark path uses it
+	$(REF_VENV)/bin/pip uninstall -q -y torchvision
+
+bench: install  ## step benchmark on CPU: ours vs the reference (make bench-venv first)
+	$(BIN)/python -m bench.run --case smollm2-cpu --ref-python $(REF_VENV)/bin/python
 
 check: install
 	$(BIN)/ruff check sparsify sweep tests bench

@@ -182,6 +182,9 @@ class TrainConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the frozen language model; SAEs and optimizer always train in float32."""
+    autocast: Literal["auto", "bfloat16", "off"] = "auto"
+    """bf16 autocast for the frozen model's matrix products (SAEs, optimizer state and losses
+    stay float32). auto: bfloat16 on a GPU, off on CPU (where bf16 matmuls are rarely faster)."""
     tensorboard: bool = True
     """Write TensorBoard event files into the run folder."""
     wandb_project: str | None = None

@@ -34,11 +34,15 @@ class LossPlan:
     """None: run to the logits; else stop after the last block the losses need."""
     first_position: int = 0
     """Positions before this are left out of every term (`saes.skip_first_position`)."""
+    resume_hook: str | None = None
+    """The SAE forward resumes here from the original model's residual, so the blocks before
+    the first SAE run once per step, not twice (`SAETransformer.resume_hook`)."""
 
     @property
     def orig_capture(self) -> tuple[str, ...]:
         at_saes = self.sae_positions if self.loss.out_to_orig is not None else ()
-        return at_saes + self.in_to_orig_hooks
+        resume = (self.resume_hook,) if self.resume_hook else ()
+        return at_saes + self.in_to_orig_hooks + resume
 
 
 def make_loss_plan(model: SAETransformer, loss: LossConfig) -> LossPlan:
@@ -56,7 +60,9 @@ def make_loss_plan(model: SAETransformer, loss: LossConfig) -> LossPlan:
         check_hook_names(hooks, model.hook_names, "loss.in_to_orig.hook_positions")
         _check_downstream(hooks, model.sae_positions)
     stop = None if loss.needs_logits else model.stop_layer_for(model.sae_positions)
-    return LossPlan(loss, tuple(model.sae_positions), hooks, stop, model.first_position)
+    # only a step that runs the original model anyway has a residual to resume from
+    resume = model.resume_hook if loss.needs_original_model else None
+    return LossPlan(loss, tuple(model.sae_positions), hooks, stop, model.first_position, resume)
 
 
 def _check_downstream(hooks: tuple[str, ...], sae_positions: list[str]) -> None:
@@ -89,7 +95,12 @@ def loss_terms(
     loss = plan.loss
     if raw is None and loss.needs_original_model:
         raw = model.forward_raw(tokens, capture=plan.orig_capture, stop_at_layer=plan.stop_at_layer)
-    out = model.forward(tokens, capture=plan.in_to_orig_hooks, stop_at_layer=plan.stop_at_layer)
+    resume_from = None
+    if raw is not None and plan.resume_hook is not None and plan.resume_hook in raw.acts:
+        resume_from = (plan.resume_hook, raw.acts[plan.resume_hook])
+    out = model.forward(
+        tokens, capture=plan.in_to_orig_hooks, stop_at_layer=plan.stop_at_layer, resume_from=resume_from
+    )
     terms: dict[str, Tensor] = {}
     zero = torch.zeros((), device=tokens.device)
     for name in ("sparsity", "out_to_in", "out_to_orig"):
@@ -213,7 +224,8 @@ def evaluate(
     """
     assert cfg.eval_data is not None
     device = model.model_device
-    eval_plan = dataclasses.replace(plan, stop_at_layer=None)
+    # eval always runs the original model, so the SAE forward can always resume from it
+    eval_plan = dataclasses.replace(plan, stop_at_layer=None, resume_hook=model.resume_hook)
     acc = MeanAccumulator(device)
     for tokens in iter_batches(
         cfg.eval_data,

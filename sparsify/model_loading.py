@@ -31,6 +31,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The `autocast` config field for a device: `auto` is bfloat16 on cuda, off elsewhere."""
+    if setting == "bfloat16" or (setting == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def model_source(model_name: str) -> str:
     """Where a model name points: a local folder, or a hub name (the embedded default resolved)."""
     if model_name == EMBEDDED_MODEL_NAME:

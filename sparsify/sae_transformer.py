@@ -8,7 +8,9 @@ the caller from the returned tensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,8 @@ from torch import Tensor, nn
 
 from sparsify.hooks import block_index, check_hook_names, hook_to_key
 from sparsify.sae import SAE
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +56,8 @@ class SAETransformer(nn.Module):
         sae_positions: exact hook names, e.g. `["blocks.6.hook_resid_pre"]`.
         dict_size_to_input_ratio: dictionary size = round(ratio * d_in) for each SAE.
         skip_first_position: leave position 0 as it is (SAE tensors then cover pos >= 1).
+        autocast_dtype: run the frozen model's matrix products under `torch.autocast` in this
+            dtype (bf16 on GPU); SAEs, their optimizer state and every loss stay float32.
 
     Raises:
         HookNameError: a position the model does not have (closest names listed).
@@ -63,8 +69,10 @@ class SAETransformer(nn.Module):
         sae_positions: Sequence[str],
         dict_size_to_input_ratio: float,
         skip_first_position: bool = False,
+        autocast_dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        self.autocast_dtype = autocast_dtype
         check_hook_names(sae_positions, tlens_model.hook_dict, "saes.sae_positions")
         self.tlens_model = tlens_model
         self.tlens_model.eval()
@@ -79,6 +87,30 @@ class SAETransformer(nn.Module):
                 for name in self.sae_positions
             }
         ).to(device)
+        self.resume_hook = self._resume_hook()
+
+    def _resume_hook(self) -> str | None:
+        """`blocks.K.hook_resid_pre` of the first SAE's block K, when a forward resumed there
+        from the original model's residual gives the same logits as a full one (checked on a
+        probe, so an architecture whose blocks break the shortcut just runs in full)."""
+        layers = [block_index(name) for name in self.sae_positions]
+        if not layers or any(layer is None for layer in layers) or min(layers) == 0:  # type: ignore[type-var]
+            return None
+        hook = f"blocks.{min(layers)}.hook_resid_pre"  # type: ignore[type-var]
+        if hook not in self.tlens_model.hook_dict:
+            return None
+        probe = torch.arange(1, 9, device=self.model_device).unsqueeze(0)
+        full = self.forward_raw(probe, capture=[hook])
+        try:
+            resumed = self.forward_raw(probe, resume_from=(hook, full.acts[hook]))
+        except Exception as exc:  # an architecture the shortcut does not know: run in full
+            logger.info("resuming at %s is not supported (%s); every forward runs all blocks", hook, exc)
+            return None
+        assert full.logits is not None and resumed.logits is not None
+        if not torch.allclose(full.logits.float(), resumed.logits.float(), rtol=1e-3, atol=1e-3):
+            logger.info("resuming at %s changes the logits; every forward runs all blocks", hook)
+            return None
+        return hook
 
     @property
     def model_device(self) -> torch.device:
@@ -132,8 +164,23 @@ class SAETransformer(nn.Module):
         tokens: Int[Tensor, "batch pos"],
         fwd_hooks: list[tuple[str, Any]],
         stop_at_layer: int | None,
+        resume_from: tuple[str, Tensor] | None = None,
     ) -> Tensor | None:
-        out = self.tlens_model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, stop_at_layer=stop_at_layer)
+        kwargs: dict[str, Any] = {}
+        model_input: Tensor = tokens
+        skipped: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if resume_from is not None:
+            hook, residual = resume_from
+            start = block_index(hook)
+            assert start is not None and hook.endswith("hook_resid_pre"), hook
+            model_input, kwargs["start_at_layer"] = residual, start
+            skipped = _blocks_skipped(self.tlens_model.blocks[:start])
+        device_type = self.model_device.type
+        autocast = torch.autocast(device_type, self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        with skipped, autocast:
+            out = self.tlens_model.run_with_hooks(
+                model_input, fwd_hooks=fwd_hooks, stop_at_layer=stop_at_layer, **kwargs
+            )
         return None if stop_at_layer is not None else out
 
     def forward_raw(
@@ -141,18 +188,21 @@ class SAETransformer(nn.Module):
         tokens: Int[Tensor, "batch pos"],
         capture: Sequence[str] = (),
         stop_at_layer: int | None = None,
+        resume_from: tuple[str, Tensor] | None = None,
     ) -> ForwardOutput:
         """Run the original model (no SAEs, no gradients).
 
         Args:
-            tokens: token ids.
+            tokens: token ids (batch, pos).
             capture: exact hook names whose activations to return.
             stop_at_layer: stop before this block (logits are then None); see `stop_layer_for`.
+            resume_from: (`blocks.K.hook_resid_pre`, residual (batch, pos, d_model)): skip
+                blocks < K and start from this residual, e.g. one captured by an earlier run.
         """
         acts: dict[str, Tensor] = {}
         hooks = [(name, _capture_into(acts, name)) for name in capture]
         with torch.no_grad():
-            logits = self._run(tokens, hooks, stop_at_layer)
+            logits = self._run(tokens, hooks, stop_at_layer, resume_from)
         return ForwardOutput(logits=logits, acts=acts)
 
     def forward(
@@ -160,19 +210,22 @@ class SAETransformer(nn.Module):
         tokens: Int[Tensor, "batch pos"],
         capture: Sequence[str] = (),
         stop_at_layer: int | None = None,
+        resume_from: tuple[str, Tensor] | None = None,
     ) -> ForwardOutput:
         """Run the model with every SAE's output replacing the activation at its position.
 
         Args:
-            tokens: token ids.
+            tokens: token ids (batch, pos).
             capture: further hook names to return (with gradients), e.g. in_to_orig hooks.
             stop_at_layer: stop before this block (logits are then None).
+            resume_from: as in `forward_raw`: the original model's residual at
+                `self.resume_hook`, so the blocks before the first SAE are not run twice.
         """
         sae_acts: dict[str, SAEActivations] = {}
         acts: dict[str, Tensor] = {}
         hooks = [(name, self._splice_into(sae_acts, name)) for name in self.sae_positions]
         hooks += [(name, _capture_into(acts, name)) for name in capture]
-        logits = self._run(tokens, hooks, stop_at_layer)
+        logits = self._run(tokens, hooks, stop_at_layer, resume_from)
         return ForwardOutput(logits=logits, acts=acts, sae_acts=sae_acts)
 
     def _splice_into(self, store: dict[str, SAEActivations], hook_name: str) -> Any:
@@ -181,7 +234,8 @@ class SAETransformer(nn.Module):
         def splice(activation: Tensor, hook: Any) -> Tensor:
             # SAEs train in float32 even when the frozen model runs in bf16
             sae_in = activation[:, self.first_position :].float()
-            codes, sae_out = sae(sae_in)
+            with torch.autocast(activation.device.type, enabled=False):
+                codes, sae_out = sae(sae_in)
             store[hook_name] = SAEActivations(sae_in=sae_in, codes=codes, sae_out=sae_out)
             if self.first_position:
                 kept = activation[:, : self.first_position]
@@ -197,3 +251,21 @@ def _capture_into(store: dict[str, Tensor], hook_name: str) -> Any:
         store[hook_name] = activation
 
     return capture
+
+
+@contextlib.contextmanager
+def _blocks_skipped(blocks: Sequence[nn.Module]) -> Iterator[None]:
+    """Make `blocks` return their input unchanged (the bridge's `start_at_layer` alone still
+    runs them and then discards their output)."""
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        return args[0] if args else kwargs["hidden_states"]
+
+    # object.__setattr__: bridge components forward plain attribute writes to the HF module
+    for block in blocks:
+        object.__setattr__(block, "forward", passthrough)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            object.__delattr__(block, "forward")

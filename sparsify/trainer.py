@@ -20,10 +20,10 @@ from sparsify.checkpoint import save_run
 from sparsify.config import TrainConfig
 from sparsify.data import check_data_budget, iter_batches
 from sparsify.errors import ConfigError, DivergedError
-from sparsify.evaluation import batch_sae_metrics, evaluate, loss_terms, make_loss_plan
+from sparsify.evaluation import LossPlan, batch_sae_metrics, evaluate, loss_terms, make_loss_plan
 from sparsify.losses import weighted_total
-from sparsify.model_loading import load_tlens_model, resolve_device
-from sparsify.sae_transformer import SAETransformer
+from sparsify.model_loading import autocast_dtype, load_tlens_model, resolve_device
+from sparsify.sae_transformer import ForwardOutput, SAETransformer
 from sparsify.schedule import lr_factor
 from sparsify.tracking import Tracker, make_tracker
 
@@ -82,8 +82,13 @@ def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransfor
     if tlens_model is None:
         tlens_model = load_tlens_model(cfg.model_name, resolve_device(cfg.device), cfg.model_dtype)
     torch.manual_seed(cfg.seed)
+    device = next(tlens_model.parameters()).device
     model = SAETransformer(
-        tlens_model, cfg.saes.sae_positions, cfg.saes.dict_size_to_input_ratio, cfg.saes.skip_first_position
+        tlens_model,
+        cfg.saes.sae_positions,
+        cfg.saes.dict_size_to_input_ratio,
+        cfg.saes.skip_first_position,
+        autocast_dtype(cfg.autocast, device),
     )
     for field_name in ("train_data", "eval_data"):
         data = getattr(cfg, field_name)
@@ -136,16 +141,13 @@ def train(
                     disable=not (is_main and show_progress), dynamic_ncols=True)  # fmt: skip
     window = TrainWindow()
     for micro_step, tokens in enumerate(batches):
-        terms, out = loss_terms(model, tokens.to(device), plan)
-        total = weighted_total(terms, cfg.loss)
-        _check_finite(total, terms, state.step)
-        (total / cfg.grad_accum_steps).backward()
+        terms, total, out = forward_backward(model, tokens.to(device), plan, cfg, state.step)
         window.add(terms, total, out, tokens.numel() * world_size)
         state.samples_seen += tokens.shape[0] * world_size
         progress.update(tokens.numel() * world_size)
         if (micro_step + 1) % cfg.grad_accum_steps:
             continue
-        grad_norm = _optimizer_step(model, optimizer, cfg, state.step)
+        grad_norm = optimizer_step(model, optimizer, cfg, state.step)
         state.step += 1
         due = _due(cfg, state)
         if due.log:
@@ -249,9 +251,30 @@ def _due(cfg: TrainConfig, state: TrainState) -> Due:
     )
 
 
-def _optimizer_step(
+def forward_backward(
+    model: SAETransformer, tokens: torch.Tensor, plan: LossPlan, cfg: TrainConfig, step: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, ForwardOutput]:
+    """One micro-batch (batch, pos) of token ids: loss terms, weighted total, backward of
+    total / grad_accum_steps (DESIGN.md §4).
+
+    Returns:
+        (unweighted terms, total loss, the SAE model's forward output).
+
+    Raises:
+        DivergedError: a NaN/inf total, naming `step` and the first non-finite term.
+    """
+    terms, out = loss_terms(model, tokens, plan)
+    total = weighted_total(terms, cfg.loss)
+    _check_finite(total, terms, step)
+    (total / cfg.grad_accum_steps).backward()
+    return terms, total, out
+
+
+def optimizer_step(
     model: SAETransformer, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int
 ) -> float:
+    """All-reduce gradients across ranks (if distributed), clip them to `max_grad_norm`, set the
+    scheduled lr for `step`, step Adam and zero the gradients. Returns the norm before clipping."""
     params = [p for p in model.saes.parameters() if p.grad is not None]
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()

@@ -94,3 +94,45 @@ def test_decoder_bias_from_data_is_the_mean_input(tiny_bridge, tiny_tokens):
     model.init_decoder_bias_from_data(tiny_tokens)
     expected = model.forward_raw(tiny_tokens, capture=[POS]).acts[POS][:, 1:].mean(dim=(0, 1))
     assert_close(model.sae(POS).decoder.bias.data, expected)
+
+
+def test_resuming_from_the_original_residual_gives_the_same_logits_and_gradients(model, tiny_tokens):
+    assert model.resume_hook == POS  # the first SAE's block input
+    raw = model.forward_raw(tiny_tokens, capture=[POS])
+    full = model(tiny_tokens)
+    full.logits.logsumexp(-1).mean().backward()
+    full_grads = [p.grad.clone() for p in model.saes.parameters()]
+    model.saes.zero_grad()
+    resumed = model(tiny_tokens, resume_from=(POS, raw.acts[POS]))
+    resumed.logits.logsumexp(-1).mean().backward()
+    assert_close(resumed.logits, full.logits)
+    for p, expected in zip(model.saes.parameters(), full_grads, strict=True):
+        assert_close(p.grad, expected)
+
+
+def test_resuming_skips_the_earlier_blocks_and_restores_them(model, tiny_tokens):
+    raw = model.forward_raw(tiny_tokens, capture=[POS, "blocks.0.hook_resid_post"])
+    fired: list[str] = []
+    hooks = [("blocks.0.hook_resid_post", lambda act, hook: fired.append(hook.name))]
+    model.tlens_model.run_with_hooks(tiny_tokens, fwd_hooks=hooks)
+    assert fired  # block 0 runs in a plain forward
+    fired.clear()
+    model.forward_raw(tiny_tokens, resume_from=(POS, torch.zeros_like(raw.acts[POS])))
+    with model.tlens_model.hooks(fwd_hooks=hooks):
+        model.forward_raw(tiny_tokens, resume_from=(POS, raw.acts[POS]))
+    assert not fired  # block 0 was skipped
+    assert_close(model.forward_raw(tiny_tokens).logits, raw.logits)  # and is back afterwards
+
+
+def test_bf16_autocast_keeps_sae_math_in_float32(tiny_bridge, tiny_tokens):
+    torch.manual_seed(0)
+    model = SAETransformer(tiny_bridge, [POS], 2.0, autocast_dtype=torch.bfloat16)
+    out = model(tiny_tokens, capture=["blocks.2.hook_resid_pre"])
+    acts = out.sae_acts[POS]
+    assert acts.codes.dtype == acts.sae_out.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.saes.parameters())
+    reference = SAETransformer(tiny_bridge, [POS], 2.0)
+    reference.saes.load_state_dict(model.saes.state_dict())
+    expected = reference(tiny_tokens).logits
+    rel = (out.logits.float() - expected).norm() / expected.norm()
+    assert 0 < rel < 3e-2  # bf16 matmuls: close to float32, but not identical
