@@ -32,15 +32,19 @@ install /tmp/reference_site .whl/common .whl/ref || exit 1
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== GPU tests"
-PYTHONPATH=/tmp/sparsify_site:. timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/sparsify/test_gpu.py 2>&1 |
+PYTHONPATH=/tmp/sparsify_site:. timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/sparsify/test_gpu.py 2>&1 |
   tee "$OUT/gpu_tests.log" | tail -n 25
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmark"
-timeout 330 $PY -m bench.run --case gpt2-small-gpu --precision bf16-autocast float32 --warmup 2 --steps 8 \
-  --ours-pythonpath /tmp/sparsify_site --ref-pythonpath /tmp/reference_site --timeout 160 --out "$OUT" 2>&1 |
+timeout 270 $PY -m bench.run --case gpt2-small-gpu --precision bf16-autocast float32 --warmup 2 --steps 8 \
+  --ours-pythonpath /tmp/sparsify_site --ref-pythonpath /tmp/reference_site --timeout 125 --out "$OUT" 2>&1 |
   grep -v -i "warn" | tee "$OUT/bench.log" | tail -n 30
 bench_rc=${PIPESTATUS[0]}
+
+echo "== ablation: e2e without resuming at the SAE's block"
+PYTHONPATH=/tmp/sparsify_site:. timeout 60 $PY -m bench.ours --case gpt2-small-gpu --arms e2e \
+  --precision bf16-autocast --no-resume --warmup 2 --steps 8 --out "$OUT/gpt2-small-gpu.jsonl" 2>&1 | grep '^{'
 
 echo "gpu tests exit $tests_rc, benchmark exit $bench_rc"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -19,9 +19,9 @@ import torch
 from bench.cases import ARMS, CASES, Case
 from bench.timing import emit, record, release, time_steps
 from sparsify.config import EMBEDDED_MODEL_NAME, TrainConfig
-from sparsify.evaluation import make_loss_plan
+from sparsify.evaluation import batch_sae_metrics, make_loss_plan
 from sparsify.model_loading import bridge_from_hf, load_tlens_model
-from sparsify.trainer import TrainWindow, build_model, forward_backward, optimizer_step
+from sparsify.trainer import TrainState, TrainWindow, build_model, forward_backward, optimizer_step
 
 PRECISIONS = {"float32": "off", "bf16-autocast": "bfloat16"}
 """Our precision names -> the `autocast` config field."""
@@ -96,21 +96,30 @@ def placeholder_tokenizer() -> Any:
     )  # fmt: skip
 
 
-def time_arm(case: Case, arm: str, precision: str, tlens_model: Any, warmup: int, steps: int) -> dict:
-    """Time the trainer's step (micro-batch forward/backward, optimizer step, metrics window)."""
+def time_arm(
+    case: Case, arm: str, precision: str, tlens_model: Any, warmup: int, steps: int, resume: bool = True
+) -> dict:
+    """Time the trainer's step (micro-batch forward/backward, optimizer step, metrics window).
+    `resume=False` times the step without resuming at the SAE's block (an ablation)."""
     cfg = train_config(case, arm, precision)
     model = build_model(cfg, tlens_model)
+    if not resume:
+        model.resume_hook = None
     plan = make_loss_plan(model, cfg.loss)
     optimizer = torch.optim.Adam(model.saes.parameters(), lr=cfg.lr)
     window = TrainWindow()
 
-    def step(tokens: torch.Tensor, index: int) -> None:
+    def step(tokens: torch.Tensor, index: int) -> None:  # the trainer's loop body
         terms, total, out = forward_backward(model, tokens, plan, cfg, index)
-        window.add(terms, total, out, tokens.numel())
-        optimizer_step(model, optimizer, cfg, index)
+        window.add(terms, total, tokens.numel(), index)
+        grad_norm = optimizer_step(model, optimizer, cfg, index)
+        if (index + 1) % cfg.log_every_n_grad_steps == 0:
+            window.check_finite()
+            window.flush(grad_norm, cfg.lr, TrainState(), batch_sae_metrics(out))
 
     times = time_steps(step, case, warmup, steps)
-    return record("ours", case, arm, precision, times, resumes_at_sae_block=plan.resume_hook is not None)
+    impl = "ours" if resume else "ours, no resume"
+    return record(impl, case, arm, precision, times, resumes_at_sae_block=plan.resume_hook is not None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,20 +129,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS), default=["float32"])
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--no-resume", action="store_true", help="ablation: run every block twice")
     parser.add_argument("--out", type=Path, help="append JSON lines here (also printed)")
     args = parser.parse_args(argv)
     case = CASES[args.case]
     device = torch.device(case.device)
-    if device.type == "cuda":
-        # the SAE's float32 matmuls on tensor cores (TF32); the frozen model runs under autocast
-        torch.backends.cuda.matmul.allow_tf32 = True
     if case.embedded_weights:
         tlens_model = load_tlens_model(EMBEDDED_MODEL_NAME, device)
     else:
         tlens_model = random_model(case, device)
     for precision in args.precision:
         for arm in args.arms:
-            emit(time_arm(case, arm, precision, tlens_model, args.warmup, args.steps), args.out)
+            result = time_arm(case, arm, precision, tlens_model, args.warmup, args.steps, not args.no_resume)
+            emit(result, args.out)
             release(device)
 
 

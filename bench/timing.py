@@ -15,27 +15,36 @@ from bench.cases import H200_BF16_DENSE_PEAK, Case, step_flops
 
 
 def time_steps(step: Callable[[torch.Tensor, int], None], case: Case, warmup: int, steps: int) -> list[float]:
-    """Seconds of each timed call of `step(tokens, step_index)` on random token ids (batch,
-    seq_len), after `warmup` untimed calls; the GPU is synchronized around each call."""
+    """Seconds per step of `step(tokens, step_index)` on random token ids (batch, seq_len):
+    `warmup` untimed calls, then `steps` calls back to back, as in training (the GPU is
+    synchronized only at both ends, so host work overlaps device work). Returned per step on
+    CPU; on GPU, the mean of the timed block repeated for each step."""
     device = torch.device(case.device)
     generator = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(0, case.shape.d_vocab, (case.batch_size, case.seq_len), generator=generator).to(device)
+        for _ in range(min(warmup + steps, 4))
+    ]
+    for index in range(warmup):
+        step(batches[index % len(batches)], index)
+    _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for index in range(warmup + steps):
-        tokens = torch.randint(0, case.shape.d_vocab, (case.batch_size, case.seq_len), generator=generator)
-        tokens = tokens.to(device)
-        _sync(device)
+    block_start = time.perf_counter()
+    for index in range(warmup, warmup + steps):
         start = time.perf_counter()
-        step(tokens, index)
-        _sync(device)
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
+        step(batches[index % len(batches)], index)
+        times.append(time.perf_counter() - start)
+    _sync(device)
+    if device.type == "cuda":
+        return [(time.perf_counter() - block_start) / steps] * steps
     return times
 
 
 def record(impl: str, case: Case, arm: str, precision: str, times: list[float], **extra: object) -> dict:
-    """One result line: median step time, tokens/s, model FLOPs, and on GPU MFU and peak memory."""
+    """One result line: median step time, tokens/s, model FLOPs, and on GPU MFU and peak memory
+    (of the timed steps)."""
     device = torch.device(case.device)
     seconds = statistics.median(times)
     flops = step_flops(case, arm)

@@ -183,8 +183,9 @@ class TrainConfig(StrictModel):
     model_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the frozen language model; SAEs and optimizer always train in float32."""
     autocast: Literal["auto", "bfloat16", "off"] = "auto"
-    """bf16 autocast for the frozen model's matrix products (SAEs, optimizer state and losses
-    stay float32). auto: bfloat16 on a GPU, off on CPU (where bf16 matmuls are rarely faster)."""
+    """bf16 autocast for the frozen model's matrix products; SAE weights, optimizer state and
+    losses stay float32 (on GPU the SAE's matmuls then use TF32). auto: bfloat16 on a GPU, off on
+    CPU (where bf16 matmuls are rarely faster)."""
     tensorboard: bool = True
     """Write TensorBoard event files into the run folder."""
     wandb_project: str | None = None

@@ -83,12 +83,17 @@ def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransfor
         tlens_model = load_tlens_model(cfg.model_name, resolve_device(cfg.device), cfg.model_dtype)
     torch.manual_seed(cfg.seed)
     device = next(tlens_model.parameters()).device
+    autocast = autocast_dtype(cfg.autocast, device)
+    if device.type == "cuda":
+        # with autocast on, the SAE's float32 matmuls may use TF32 tensor cores too (weights,
+        # gradients and Adam state stay float32); off, every matmul is exact float32
+        torch.backends.cuda.matmul.allow_tf32 = autocast is not None
     model = SAETransformer(
         tlens_model,
         cfg.saes.sae_positions,
         cfg.saes.dict_size_to_input_ratio,
         cfg.saes.skip_first_position,
-        autocast_dtype(cfg.autocast, device),
+        autocast,
     )
     for field_name in ("train_data", "eval_data"):
         data = getattr(cfg, field_name)
@@ -142,22 +147,27 @@ def train(
     window = TrainWindow()
     for micro_step, tokens in enumerate(batches):
         terms, total, out = forward_backward(model, tokens.to(device), plan, cfg, state.step)
-        window.add(terms, total, out, tokens.numel() * world_size)
+        window.add(terms, total, tokens.numel() * world_size, state.step)
         state.samples_seen += tokens.shape[0] * world_size
         progress.update(tokens.numel() * world_size)
         if (micro_step + 1) % cfg.grad_accum_steps:
+            del out  # frees the SAE activations before the next forward
             continue
         grad_norm = optimizer_step(model, optimizer, cfg, state.step)
         state.step += 1
         due = _due(cfg, state)
+        if due.log or due.eval or due.save:
+            window.check_finite()
         if due.log:
-            train_metrics = window.flush(grad_norm, optimizer.param_groups[0]["lr"], state)
+            lr = optimizer.param_groups[0]["lr"]
+            train_metrics = window.flush(grad_norm, lr, state, batch_sae_metrics(out))
             tracker.log(train_metrics, state.step)
             progress.set_postfix(
                 loss=f"{train_metrics['train/loss']:.4g}",
                 L0=f"{train_metrics[names.prefixed(names.TRAIN, names.L0)]:.1f}",
                 tok_s=f"{train_metrics[names.prefixed(names.TRAIN, names.TOKENS_PER_S)]:.0f}",
             )
+        del out
         if due.eval and cfg.eval_data is not None:
             eval_metrics = _prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size))
             tracker.log(eval_metrics, state.step)
@@ -165,7 +175,8 @@ def train(
         if due.save and run_dir is not None:
             save_run(run_dir, model.saes.state_dict(), cfg, {})
     progress.close()
-    final = window.flush(None, optimizer.param_groups[0]["lr"], state) if window.n_tokens else {}
+    window.check_finite()
+    final = window.flush(None, optimizer.param_groups[0]["lr"], state, {}) if window.n_tokens else {}
     if cfg.eval_data is not None:
         final.update(_prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size)))
     final[names.prefixed(names.TRAIN, names.TOKENS_SEEN)] = state.tokens_seen(n_ctx)
@@ -202,30 +213,48 @@ def _init_decoder_bias(model: SAETransformer, tokens: torch.Tensor) -> None:
 
 
 class TrainWindow:
-    """Training metrics averaged since the last log."""
+    """Loss terms of every micro-batch since the last log, kept on the device: nothing here
+    waits for the GPU until `check_finite` or `flush` (one sync per log, not per step)."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.n_batches = 0
+        self.keys: list[str] = []
+        self.rows: list[tuple[int, torch.Tensor]] = []
         self.n_tokens = 0
         self.start = time.perf_counter()
 
-    def add(self, terms: dict[str, torch.Tensor], total: torch.Tensor, out: Any, n_tokens: int) -> None:
-        values = {names.loss_term(k): v.item() for k, v in terms.items()}
-        values[names.LOSS] = total.item()
-        values.update(batch_sae_metrics(out))
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.n_batches += 1
+    def add(self, terms: dict[str, torch.Tensor], total: torch.Tensor, n_tokens: int, step: int) -> None:
+        """Record one micro-batch's unweighted terms and total at optimizer step `step`."""
+        self.keys = [*terms, "total"]
+        self.rows.append((step, torch.stack([*terms.values(), total]).detach()))
         self.n_tokens += n_tokens
 
-    def flush(self, grad_norm: float | None, lr: float, state: TrainState) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        values = {k: v / max(self.n_batches, 1) for k, v in self.sums.items()}
+    def check_finite(self) -> None:
+        """Raises DivergedError naming the first micro-batch's step and term that was NaN/inf."""
+        if not self.rows:
+            return
+        stacked = torch.stack([row for _, row in self.rows])
+        finite = torch.isfinite(stacked)
+        if bool(finite.all()):
+            return
+        row, col = (~finite).nonzero()[0].tolist()
+        raise DivergedError(self.rows[row][0], self.keys[col], stacked[row, col].item())
+
+    def flush(
+        self, grad_norm: torch.Tensor | None, lr: float, state: TrainState, sae_metrics: dict[str, float]
+    ) -> dict[str, float]:
+        """Mean loss terms over the window, tokens/s, lr, grad norm (before clipping) and
+        `sae_metrics` (L0, explained variance: from the window's last micro-batch)."""
+        values: dict[str, float] = {}
+        if self.rows:
+            means = torch.stack([row for _, row in self.rows]).mean(0).tolist()
+            values = {names.loss_term(k): v for k, v in zip(self.keys[:-1], means[:-1], strict=True)}
+            values[names.LOSS] = means[-1]
+        elapsed = max(time.perf_counter() - self.start, 1e-9)  # after the sync above
+        values.update(sae_metrics)
         values[names.LR] = lr
         values[names.TOKENS_PER_S] = self.n_tokens / elapsed
         if grad_norm is not None:
-            values[names.GRAD_NORM] = grad_norm
+            values[names.GRAD_NORM] = grad_norm.item()
         self.__init__()  # type: ignore[misc]
         return _prefixed(names.TRAIN, values)
 
@@ -255,26 +284,24 @@ def forward_backward(
     model: SAETransformer, tokens: torch.Tensor, plan: LossPlan, cfg: TrainConfig, step: int
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, ForwardOutput]:
     """One micro-batch (batch, pos) of token ids: loss terms, weighted total, backward of
-    total / grad_accum_steps (DESIGN.md §4).
+    total / grad_accum_steps (DESIGN.md §4). Waits for nothing on the GPU: finiteness is checked
+    by `TrainWindow.check_finite` at the next log, eval or save.
 
     Returns:
         (unweighted terms, total loss, the SAE model's forward output).
-
-    Raises:
-        DivergedError: a NaN/inf total, naming `step` and the first non-finite term.
     """
     terms, out = loss_terms(model, tokens, plan)
     total = weighted_total(terms, cfg.loss)
-    _check_finite(total, terms, step)
     (total / cfg.grad_accum_steps).backward()
     return terms, total, out
 
 
 def optimizer_step(
     model: SAETransformer, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int
-) -> float:
+) -> torch.Tensor:
     """All-reduce gradients across ranks (if distributed), clip them to `max_grad_norm`, set the
-    scheduled lr for `step`, step Adam and zero the gradients. Returns the norm before clipping."""
+    scheduled lr for `step`, step Adam and zero the gradients. Returns the gradient norm before
+    clipping, as a 0-dim tensor (reading it would wait for the GPU)."""
     params = [p for p in model.saes.parameters() if p.grad is not None]
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
@@ -282,7 +309,7 @@ def optimizer_step(
             dist.all_reduce(p.grad)
             p.grad /= world
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     factor = lr_factor(
         step,
         cfg.n_grad_steps,
@@ -296,15 +323,6 @@ def optimizer_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
-
-
-def _check_finite(total: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> None:
-    if torch.isfinite(total):
-        return
-    for name, value in terms.items():
-        if not torch.isfinite(value):
-            raise DivergedError(step, name, value.item())
-    raise DivergedError(step, "total", total.item())
 
 
 def _prefixed(split: str, values: dict[str, float]) -> dict[str, float]:

@@ -15,7 +15,7 @@ from sparsify.config import TrainConfig
 from sparsify.model_loading import load_tlens_model
 from sparsify.sae_transformer import SAETransformer
 from sparsify.trainer import train
-from tests.conftest import tiny_train_config
+from conftest import tiny_train_config
 
 pytestmark = [
     pytest.mark.gpu,

@@ -131,3 +131,22 @@ def test_eval_data_too_small_fails_before_training(
         match=r"act_frequency_n_tokens: eval_data has \d+ sequences of 16 tokens; the run needs 625000",
     ):
         train(cfg, tlens_model=tiny_bridge, show_progress=False)
+
+
+def test_train_window_names_the_first_non_finite_step_and_averages_the_rest():
+    from sparsify.trainer import TrainState, TrainWindow
+
+    window = TrainWindow()
+    for step, (sparsity, kl) in enumerate([(1.0, 2.0), (3.0, 4.0)]):
+        terms = {"sparsity": torch.tensor(sparsity), "logits_kl": torch.tensor(kl)}
+        window.add(terms, terms["sparsity"] + terms["logits_kl"], n_tokens=10, step=step)
+    window.check_finite()  # all finite: no error
+    metrics = window.flush(torch.tensor(0.5), 1e-3, TrainState(), {"L0": 7.0})
+    assert metrics["train/loss/sparsity"] == 2.0 and metrics["train/loss/logits_kl"] == 3.0
+    assert metrics["train/loss"] == 5.0 and metrics["train/grad_norm"] == 0.5 and metrics["train/L0"] == 7.0
+    # after an inf, later steps turn NaN: the error names the first bad step and term
+    for step, kl in [(2, 1.0), (3, float("inf")), (4, float("nan"))]:
+        terms = {"sparsity": torch.tensor(1.0), "logits_kl": torch.tensor(kl)}
+        window.add(terms, terms["sparsity"] + terms["logits_kl"], n_tokens=10, step=step)
+    with pytest.raises(DivergedError, match="'logits_kl' is inf at step 3"):
+        window.check_finite()
