@@ -17,6 +17,8 @@ def atomic_write_with(path: Path, writer: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())  # the data is on disk before the name points at it
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; results are for sharing
         os.replace(tmp, path)
     except BaseException:

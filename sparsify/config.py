@@ -7,6 +7,7 @@ coefficient settings of one `LossConfig`, not separate code paths.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -59,10 +60,11 @@ class LossConfig(StrictModel):
 
     @model_validator(mode="after")
     def _some_term_trains(self) -> LossConfig:
-        if not any(coeff > 0 for coeff in self.coeffs().values()):
+        # sparsity alone drives every code to zero: something must ask for a reconstruction
+        if not any(coeff > 0 for term, coeff in self.coeffs().items() if term != "sparsity"):
             raise ValueError(
-                "no loss term has a positive coefficient; set at least one of sparsity, "
-                "out_to_in, in_to_orig, out_to_orig, logits_kl"
+                "no reconstruction term has a positive coefficient; set at least one of "
+                "out_to_in (local), logits_kl (e2e), in_to_orig (downstream), out_to_orig"
             )
         return self
 
@@ -225,32 +227,51 @@ class TrainConfig(StrictModel):
         return self.n_samples // self.samples_per_step
 
 
-def _format_error(source: str, err: dict[str, Any], model: type[BaseModel]) -> str:
+def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
     if err["type"] == "extra_forbidden":
         parent_fields = _fields_at(model, err["loc"][:-1])
         close = difflib.get_close_matches(str(err["loc"][-1]), parent_fields, n=1)
         hint = f"; did you mean {close[0]}?" if close else f"; allowed: {', '.join(parent_fields)}"
-        return f"{source}: {loc}: unknown field{hint}"
+        return f"{loc}: unknown field{hint}"
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-    return f"{source}: {loc or '<top level>'}: {msg}{got_text}"
+    return f"{loc or '<top level>'}: {msg}{got_text}"
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the section at `loc` (for 'did you mean' hints)."""
+    """Field names of the section at `loc` (for 'did you mean' hints); a `dict[str, Model]`
+    section (search-space arms, searched distributions) consumes one key of `loc`."""
     current: Any = model
     for part in loc:
+        if isinstance(current, tuple):  # ("dict", Model): `part` is one of the dict's keys
+            current = current[1]
+            continue
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return []
-        annotation = field.annotation
-        candidates = getattr(annotation, "__args__", (annotation,))
-        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        current = _section_type(field.annotation)
         if current is None:
             return []
+    if isinstance(current, tuple):
+        return []
     return list(current.model_fields)
+
+
+def _section_type(annotation: Any) -> Any:
+    """The pydantic model a field holds (through Optional), ("dict", Model) for a mapping of
+    models, or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) is dict:
+        value = _section_type(typing.get_args(annotation)[1])
+        return ("dict", value) if isinstance(value, type) else None
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> TrainConfig:
@@ -268,16 +289,16 @@ def validate_model(model: type[M], raw: Any, source: str) -> M:
     """Validate `raw` as `model`, turning pydantic's errors into one line per problem.
 
     Raises:
-        ConfigError: `source: field.path: what is allowed`, with a 'did you mean' hint for an
-            unknown field.
+        ConfigError: one line, `source: field.path: what is allowed` (problems joined by "; "),
+            with a 'did you mean' hint for an unknown field.
     """
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
         # an unknown field usually explains a "Field required" next to it: list it first
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        lines = [_format_error(source, e, model) for e in errors]
-        raise ConfigError("\n".join(lines)) from None
+        problems = [_format_error(e, model) for e in errors]
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import logging
 import math
 import os
@@ -67,10 +68,34 @@ def _load_local_documents(data: DataConfig, files: list[Path]) -> Any:
 
     builder = _BUILDERS[files[0].suffix]
     kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)  # we report a bad file ourselves, in one line
     try:
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise DataError(f"files: cannot read {files[0].parent}: {str(exc).splitlines()[0]}") from None
+        culprit = _first_unreadable(files) or files[0].parent
+        raise DataError(f"files: cannot read {culprit}: {str(exc).strip().splitlines()[0]}") from None
+    finally:
+        datasets_logger.setLevel(level)
+
+
+def _first_unreadable(files: list[Path]) -> Path | None:
+    """The first file that does not open as its extension says (to name it in the error)."""
+    for path in files:
+        try:
+            if path.suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                pq.read_schema(path)
+            elif path.suffix in (".json", ".jsonl"):
+                with path.open() as f:
+                    json.loads(f.readline() or "{}")
+            else:
+                path.read_text()
+        except Exception:
+            return path
+    return None
 
 
 def _in_split(text: str, split: str) -> bool:
@@ -235,7 +260,10 @@ def check_data_budget(cfg: TrainConfig, tokenizer: Any, world_size: int = 1) -> 
         needs.append(("eval_data", "eval_n_samples", cfg.eval_data, cfg.eval_n_samples))
         needs.append(("eval_data", "act_frequency_n_tokens", cfg.eval_data, alive_seqs))
     for section, field_name, data, n_seqs in needs:
-        available = count_local_sequences(data, tokenizer)
+        try:
+            available = count_local_sequences(data, tokenizer)
+        except DataError as exc:  # "files: ..." -> "train_data.files: ..."
+            raise DataError(f"{section}.{exc}") from None
         if available is not None and available < n_seqs:
             raise DataError(
                 f"{field_name}: {section} has {available} sequences of {data.n_ctx} tokens; "

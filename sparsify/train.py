@@ -14,6 +14,7 @@ import sys
 
 from sparsify.config import load_config
 from sparsify.errors import DivergedError, SparsifyError
+from sparsify.redact import redact
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc)
         if not message.startswith(args.config):
             message = f"{args.config}: {message}"  # errors found after loading name the file too
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {redact(message)}", file=sys.stderr)
         return 2
     except DivergedError as exc:
-        print(f"error: training diverged: {exc} (try a lower lr or max_grad_norm)", file=sys.stderr)
+        print(f"error: training diverged: {redact(str(exc))} (try a lower lr or max_grad_norm)", file=sys.stderr)
         return 1
     headline = {k: v for k, v in result.metrics.items() if k.startswith("eval/") and "/blocks" not in k}
     print(json.dumps(headline, indent=2, sort_keys=True))

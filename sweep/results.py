@@ -27,6 +27,7 @@ import pandas as pd
 
 from sparsify.atomic import atomic_write_text
 from sparsify.metric_names import DEFAULT_OBJECTIVES
+from sparsify.redact import redact
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def write_trial_record(sweep_dir: str | os.PathLike[str], record: dict[str, Any]
         raise ValueError(f"trial record is missing {', '.join(missing)}")
     path = trial_record_path(sweep_dir, record["arm"], record["trial_id"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    # error messages may quote user input or exceptions: no secret reaches the sweep folder
+    atomic_write_text(path, redact(json.dumps(record, indent=2, sort_keys=True)) + "\n")
     return path
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify.errors import SparsifyError
+from sparsify.redact import redact
 from sweep.space import Distribution, LoadedSpace, load_search_space
 
 logger = logging.getLogger(__name__)
@@ -262,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(loaded, num_samples)
             return 0
-        sweep_dir = sweep_folder(args.storage or loaded.space.storage_path, loaded.space.name)
+        try:
+            sweep_dir = sweep_folder(args.storage or loaded.space.storage_path, loaded.space.name)
+        except SparsifyError as exc:
+            raise SparsifyError(f"{'--storage' if args.storage else loaded.source}: {exc}") from None
         if args.resume and not sweep_dir.exists():
             raise SparsifyError(f"--resume: no sweep folder {sweep_dir} to resume")
         print(f"sweep folder: {sweep_dir}", flush=True)
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except SparsifyError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     print(report.read_text())
     print(f"report: {report}")

@@ -231,7 +231,10 @@ def load_search_space(path: str | Path) -> LoadedSpace:
     space = validate_model(SearchSpace, raw, str(path))
     if isinstance(space.base_config, str):
         base_path = (path.parent / space.base_config).resolve()
-        base = read_yaml(base_path)
+        try:
+            base = read_yaml(base_path)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: base_config: {exc}") from None
     else:
         base = dict(space.base_config)
     loaded = LoadedSpace(space, base, str(path))

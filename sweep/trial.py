@@ -25,6 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 
 from sparsify import TrainConfig, quiet_library_progress_bars, train
+from sparsify.redact import redact
 from sweep.results import write_trial_record
 from sweep.space import LoadedSpace
 
@@ -116,9 +117,10 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        message = redact(_worker_message(exc))
         if not _is_diverged(exc):
-            raise
-        message = _worker_message(exc)
+            # Tune writes this error into the sweep folder: the one-line cause, secrets masked
+            raise TrialFailedError(message) from None
         nan_objectives = {metric: math.nan for metric in space.space.metrics}
         write_trial_record(
             sweep_dir,
@@ -139,6 +141,11 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
     )
     # Tune keeps only the last result; OptunaSearch reads the objectives from it
     tune.report({**metrics, "status": STATUS_FINISHED})
+
+
+class TrialFailedError(RuntimeError):
+    """A trial's training failed for a reason other than divergence (message: the worker's
+    last error line, secrets masked)."""
 
 
 class FailNonFiniteOptunaSearch(OptunaSearch):

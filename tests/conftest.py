@@ -12,6 +12,9 @@ import pytest
 
 # token caches and the dequantized embedded model go to a throwaway folder, not ~/.cache
 os.environ.setdefault("SPARSIFY_CACHE", tempfile.mkdtemp(prefix="sparsify-test-cache-"))
+# tests never reach the model hub: a hub name fails at once instead of after ~45 s of retries
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 WORDS = (
     "the state of the union is strong and our nation will meet every challenge with courage "

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_train_config
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -15,7 +16,6 @@ from sparsify.config import TrainConfig
 from sparsify.model_loading import load_tlens_model
 from sparsify.sae_transformer import SAETransformer
 from sparsify.trainer import train
-from conftest import tiny_train_config
 
 pytestmark = [
     pytest.mark.gpu,

@@ -59,6 +59,7 @@ def test_weighted_total_uses_each_coefficient():
     assert weighted_total(terms, cfg).item() == pytest.approx(5.5)
 
 
-def test_loss_config_needs_a_positive_term():
-    with pytest.raises(ValueError, match="no loss term has a positive coefficient"):
-        LossConfig.model_validate({"out_to_in": {"coeff": 0.0}})
+@pytest.mark.parametrize("loss", [{"out_to_in": {"coeff": 0.0}}, {"sparsity": {"coeff": 1.0}}, {}])
+def test_loss_config_needs_a_positive_reconstruction_term(loss):
+    with pytest.raises(ValueError, match="no reconstruction term has a positive coefficient"):
+        LossConfig.model_validate(loss)

@@ -37,7 +37,7 @@ def test_cli_trains_and_writes_the_run_folder(tiny_model_dir, corpus_dir, tmp_pa
 def test_cli_bad_config_prints_one_line_and_exits_2(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(
-        "saes: {sae_positions: [blocks.1.hook_resid_pre]}\nloss: {sparsity: {coeff: 1}}\nlr: 0.1\n"
+        "saes: {sae_positions: [blocks.1.hook_resid_pre]}\nloss: {sparsity: {coeff: 1}, out_to_in: {coeff: 1}}\nlr: 0.1\n"
     )
     assert main([str(path)]) == 2
     err = capsys.readouterr().err

@@ -11,17 +11,29 @@ from sweep.results import load_results
 from sweep.run import main as run_main
 
 
+PLANTED_SECRETS = {"WANDB_API_KEY": "feedface" * 5, "HF_TOKEN": "hf_PlantedFakeToken0123456789"}
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
+    import os
+
     import ray
 
     from sweep.run import start_ray
 
     ray.shutdown()
+    saved = {k: os.environ.get(k) for k in PLANTED_SECRETS}
+    os.environ.update(PLANTED_SECRETS)  # before ray.init, so the trial workers have them too
     ray.init(num_cpus=2, include_dashboard=False)
     start_ray()  # already initialized: only sets the environment defaults
     yield
     ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def test_sweep_runs_both_arms_records_a_diverged_trial_and_writes_the_report(
@@ -74,3 +86,12 @@ def test_sweep_runs_both_arms_records_a_diverged_trial_and_writes_the_report(
     assert "local" in report and (sweep_dir / "report" / "frontier_l0.png").exists()
     out = capsys.readouterr().out
     assert f"sweep folder: {sweep_dir}" in out
+    # secrets in the environment never land in the sweep folder (configs, records, logs, report)
+    n_files = 0
+    for path in sweep_dir.rglob("*"):
+        if path.is_file():
+            n_files += 1
+            data = path.read_bytes()
+            for secret in PLANTED_SECRETS.values():
+                assert secret.encode() not in data, f"{secret} leaked into {path}"
+    assert n_files > 20
