@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import MissingPackageError, SparsifyError
 from sparsify.redact import redact
 from sweep.space import Distribution, LoadedSpace, load_search_space
 
@@ -208,8 +208,32 @@ def record_errors(results: Any, arm_name: str, sweep_dir: Path) -> None:
         )
 
 
+SWEEP_PACKAGES = ("ray", "optuna", "pandas", "matplotlib")
+"""Imported by a real sweep (not by --dry-run); installed by the `sweep` extra."""
+
+
+def require_sweep_packages() -> None:
+    """Raises MissingPackageError, saying how to install them, when a sweep's packages are
+    missing (checked before anything is loaded or written)."""
+    import importlib.util
+
+    missing = []
+    for name in SWEEP_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a module set to None in sys.modules
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise MissingPackageError(
+            f"a sweep needs {', '.join(missing)}, which is not installed: pip install -e '.[sweep]'"
+        )
+
+
 def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
     """Run every arm's trials, then write and return the report (`sweep.report`)."""
+    require_sweep_packages()
     from sparsify import prepare, quiet_library_progress_bars
     from sweep.report import build_report
 
@@ -275,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     except SparsifyError as exc:
         if args.debug:
             raise
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        message = str(exc)
+        if not message.startswith((args.search_space, str(Path(args.search_space)))):
+            message = f"{args.search_space}: {message}"  # every error line names the file
+        print(f"error: {redact(message)}", file=sys.stderr)
         return 2
     print(report.read_text())
     print(f"report: {report}")

@@ -191,6 +191,13 @@ def test_bad_search_space(case_id, mutate, wanted, tiny_model_dir, corpus_dir, t
     print(f"{case_id}: {line}", file=sys.__stdout__)
 
 
+def test_missing_sweep_packages_say_how_to_install(tiny_model_dir, corpus_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    path = write_yaml(tmp_path / "space.yaml", search_space(tiny_model_dir, corpus_dir, tmp_path))
+    line = assert_one_line_error(capsys, sweep_main([str(path)]), path, ["optuna", "pip install -e '.[sweep]'"])
+    assert "optuna" in line and not (tmp_path / "sweeps").exists()
+
+
 def test_valid_files_pass_the_same_checks(tiny_model_dir, corpus_dir, tmp_path):
     """The unmutated files are accepted: the cases above fail because of their one change."""
     from sparsify.config import validate_config
