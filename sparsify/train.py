@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact(message)}", file=sys.stderr)
         return 2
     except DivergedError as exc:
-        print(f"error: training diverged: {redact(str(exc))} (try a lower lr or max_grad_norm)", file=sys.stderr)
+        print(
+            f"error: training diverged: {redact(str(exc))} (try a lower lr or max_grad_norm)", file=sys.stderr
+        )
         return 1
     headline = {k: v for k, v in result.metrics.items() if k.startswith("eval/") and "/blocks" not in k}
     print(json.dumps(headline, indent=2, sort_keys=True))

@@ -86,7 +86,9 @@ def write_yaml(path: Path, tree: dict[str, Any]) -> Path:
     return path
 
 
-def assert_one_line_error(capsys: pytest.CaptureFixture[str], code: int, file: Path, wanted: list[str]) -> str:
+def assert_one_line_error(
+    capsys: pytest.CaptureFixture[str], code: int, file: Path, wanted: list[str]
+) -> str:
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2, captured.err
@@ -116,7 +118,9 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):
     assert_one_line_error(capsys, train_main([str(path)]), path, [f"{path}:4", "YAML syntax error"])
 
 
-def test_missing_optional_package_says_how_to_install(tiny_model_dir, corpus_dir, tmp_path, capsys, monkeypatch):
+def test_missing_optional_package_says_how_to_install(
+    tiny_model_dir, corpus_dir, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     tree = tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, wandb_project="my-project")
     path = write_yaml(tmp_path / "train.yaml", tree)
@@ -142,7 +146,6 @@ def search_space(tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path) -> dict
             },
         },
     }
-
 
 
 SWEEP_CASES: list[tuple[str, Mutation, list[str]]] = [
@@ -194,7 +197,9 @@ def test_bad_search_space(case_id, mutate, wanted, tiny_model_dir, corpus_dir, t
 def test_missing_sweep_packages_say_how_to_install(tiny_model_dir, corpus_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     path = write_yaml(tmp_path / "space.yaml", search_space(tiny_model_dir, corpus_dir, tmp_path))
-    line = assert_one_line_error(capsys, sweep_main([str(path)]), path, ["optuna", "pip install -e '.[sweep]'"])
+    line = assert_one_line_error(
+        capsys, sweep_main([str(path)]), path, ["optuna", "pip install -e '.[sweep]'"]
+    )
     assert "optuna" in line and not (tmp_path / "sweeps").exists()
 
 

@@ -10,7 +10,6 @@ from sparsify import metric_names as names
 from sweep.results import load_results
 from sweep.run import main as run_main
 
-
 PLANTED_SECRETS = {"WANDB_API_KEY": "feedface" * 5, "HF_TOKEN": "hf_PlantedFakeToken0123456789"}
 
 
