@@ -10,7 +10,9 @@ next to `bench/reference.py` and prints the ratio.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 
 from bench.cases import ARMS, CASES, Case
 from bench.timing import emit, record, release, time_steps
+from sparsify.activation_cache import activation_cache
 from sparsify.config import EMBEDDED_MODEL_NAME, TrainConfig
 from sparsify.evaluation import batch_sae_metrics, make_loss_plan
 from sparsify.model_loading import bridge_from_hf, load_tlens_model
@@ -56,6 +59,7 @@ def train_config(case: Case, arm: str, precision: str) -> TrainConfig:
             "save_dir": None,
             "device": case.device,
             "autocast": PRECISIONS[precision],
+            "activation_cache": "off",  # the cached local step is timed separately (--activation-cache)
         }
     )
 
@@ -97,10 +101,18 @@ def placeholder_tokenizer() -> Any:
 
 
 def time_arm(
-    case: Case, arm: str, precision: str, tlens_model: Any, warmup: int, steps: int, resume: bool = True
+    case: Case,
+    arm: str,
+    precision: str,
+    tlens_model: Any,
+    warmup: int,
+    steps: int,
+    resume: bool = True,
+    cache: bool = False,
 ) -> dict:
     """Time the trainer's step (micro-batch forward/backward, optimizer step, metrics window).
-    `resume=False` times the step without resuming at the SAE's block (an ablation)."""
+    `resume=False` times the step without resuming at the SAE's block (an ablation); `cache`
+    reads the local arm's SAE inputs from the activation cache."""
     cfg = train_config(case, arm, precision)
     model = build_model(cfg, tlens_model)
     if not resume:
@@ -109,8 +121,18 @@ def time_arm(
     optimizer = torch.optim.Adam(model.saes.parameters(), lr=cfg.lr)
     window = TrainWindow()
 
+    cached: Iterator[dict[str, torch.Tensor]] | None = None
+    if cache:  # local arm: SAE inputs read from the disk cache, as the trainer does on CPU
+        generator = torch.Generator().manual_seed(1)
+        ids = [torch.randint(0, case.shape.d_vocab, (case.batch_size, case.seq_len), generator=generator)]
+        store = activation_cache(model, cfg, ids * 4)
+        cached = itertools.cycle(store.batches(case.batch_size))
+
     def step(tokens: torch.Tensor, index: int) -> None:  # the trainer's loop body
-        terms, total, out = forward_backward(model, tokens, plan, cfg, index)
+        if cached is not None:
+            terms, total, out = forward_backward(model, None, plan, cfg, index, cached_acts=next(cached))
+        else:
+            terms, total, out = forward_backward(model, tokens, plan, cfg, index)
         window.add(terms, total, tokens.numel(), index)
         grad_norm = optimizer_step(model, optimizer, cfg, index)
         if (index + 1) % cfg.log_every_n_grad_steps == 0:
@@ -118,7 +140,7 @@ def time_arm(
             window.flush(grad_norm, cfg.lr, TrainState(), batch_sae_metrics(out))
 
     times = time_steps(step, case, warmup, steps)
-    impl = "ours" if resume else "ours, no resume"
+    impl = "ours, activation cache" if cache else "ours" if resume else "ours, no resume"
     return record(impl, case, arm, precision, times, resumes_at_sae_block=plan.resume_hook is not None)
 
 
@@ -130,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-resume", action="store_true", help="ablation: run every block twice")
+    parser.add_argument(
+        "--activation-cache", action="store_true", help="local arm: read SAE inputs from the activation cache"
+    )
     parser.add_argument("--out", type=Path, help="append JSON lines here (also printed)")
     args = parser.parse_args(argv)
     case = CASES[args.case]
@@ -140,7 +165,10 @@ def main(argv: list[str] | None = None) -> None:
         tlens_model = random_model(case, device)
     for precision in args.precision:
         for arm in args.arms:
-            result = time_arm(case, arm, precision, tlens_model, args.warmup, args.steps, not args.no_resume)
+            cache = args.activation_cache and arm == "local"
+            result = time_arm(
+                case, arm, precision, tlens_model, args.warmup, args.steps, not args.no_resume, cache
+            )
             emit(result, args.out)
             release(device)
 

@@ -188,6 +188,10 @@ class TrainConfig(StrictModel):
     """bf16 autocast for the frozen model's matrix products; SAE weights, optimizer state and
     losses stay float32 (on GPU the SAE's matmuls then use TF32). auto: bfloat16 on a GPU, off on
     CPU (where bf16 matmuls are rarely faster)."""
+    activation_cache: Literal["auto", "on", "off"] = "auto"
+    """Local SAEs: read the model's activations at the SAE positions from a disk cache shared by
+    every run on the same data, instead of running the model each step. auto: on a CPU, for
+    local losses on local data up to 8 GiB (on a GPU recomputing is faster)."""
     tensorboard: bool = True
     """Write TensorBoard event files into the run folder."""
     wandb_project: str | None = None

@@ -78,7 +78,11 @@ def _check_downstream(hooks: tuple[str, ...], sae_positions: list[str]) -> None:
 
 
 def loss_terms(
-    model: SAETransformer, tokens: Tensor, plan: LossPlan, raw: ForwardOutput | None = None
+    model: SAETransformer,
+    tokens: Tensor | None,
+    plan: LossPlan,
+    raw: ForwardOutput | None = None,
+    cached_acts: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], ForwardOutput]:
     """Unweighted values of every configured loss term for one batch (DESIGN.md §4).
 
@@ -88,21 +92,30 @@ def loss_terms(
     Args:
         raw: the original model's output for these tokens (with `plan.orig_capture`), if
             already computed; otherwise it is computed here when a term needs it.
+        cached_acts: stored activations (batch, pos, d_in) at every SAE position, instead of
+            `tokens`; only for losses that need nothing else (`LossConfig.needs_original_model`
+            false and no logits): see `sparsify.activation_cache`.
 
     Returns:
         (terms keyed by term name, the SAE model's forward output).
     """
     loss = plan.loss
-    if raw is None and loss.needs_original_model:
-        raw = model.forward_raw(tokens, capture=plan.orig_capture, stop_at_layer=plan.stop_at_layer)
-    resume_from = None
-    if raw is not None and plan.resume_hook is not None and plan.resume_hook in raw.acts:
-        resume_from = (plan.resume_hook, raw.acts[plan.resume_hook])
-    out = model.forward(
-        tokens, capture=plan.in_to_orig_hooks, stop_at_layer=plan.stop_at_layer, resume_from=resume_from
-    )
+    if cached_acts is not None:
+        if loss.needs_original_model or loss.needs_logits:
+            raise ValueError("cached activations serve local losses only (sparsity, out_to_in)")
+        out = model.apply_saes(cached_acts)
+    else:
+        assert tokens is not None, "give tokens or cached_acts"
+        if raw is None and loss.needs_original_model:
+            raw = model.forward_raw(tokens, capture=plan.orig_capture, stop_at_layer=plan.stop_at_layer)
+        resume_from = None
+        if raw is not None and plan.resume_hook is not None and plan.resume_hook in raw.acts:
+            resume_from = (plan.resume_hook, raw.acts[plan.resume_hook])
+        out = model.forward(
+            tokens, capture=plan.in_to_orig_hooks, stop_at_layer=plan.stop_at_layer, resume_from=resume_from
+        )
     terms: dict[str, Tensor] = {}
-    zero = torch.zeros((), device=tokens.device)
+    zero = torch.zeros((), device=model.model_device)
     for name in ("sparsity", "out_to_in", "out_to_orig"):
         if getattr(loss, name) is not None:
             terms[name] = zero

@@ -138,9 +138,24 @@ class SAETransformer(nn.Module):
         model's activations; skipped positions left out)."""
         stop = self.stop_layer_for(self.sae_positions)
         raw = self.forward_raw(tokens, capture=self.sae_positions, stop_at_layer=stop)
+        self.init_decoder_bias_from_acts(raw.acts)
+
+    @torch.no_grad()
+    def init_decoder_bias_from_acts(self, acts: dict[str, Tensor]) -> None:
+        """As `init_decoder_bias_from_data`, from activations (batch, pos, d_in) per SAE position."""
         for name in self.sae_positions:
-            acts = raw.acts[name][:, self.first_position :].float()
-            self.sae(name).decoder.bias.copy_(acts.mean(dim=(0, 1)))
+            sae_in = acts[name][:, self.first_position :].float()
+            self.sae(name).decoder.bias.copy_(sae_in.mean(dim=(0, 1)))
+
+    def apply_saes(self, acts: dict[str, Tensor]) -> ForwardOutput:
+        """Every SAE on stored activations (batch, pos, d_in) of its position, e.g. from an
+        activation cache: what `forward` gives the local loss terms, without running the model."""
+        sae_acts: dict[str, SAEActivations] = {}
+        for name in self.sae_positions:
+            sae_in = acts[name][:, self.first_position :].to(self.model_device).float()
+            codes, sae_out = self.sae(name)(sae_in)
+            sae_acts[name] = SAEActivations(sae_in=sae_in, codes=codes, sae_out=sae_out)
+        return ForwardOutput(logits=None, sae_acts=sae_acts)
 
     def _activation_widths(self, names: Sequence[str]) -> dict[str, int]:
         probe = torch.zeros((1, 2), dtype=torch.long, device=self.model_device)

@@ -6,7 +6,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sparsify import metric_names as names
+from sparsify.activation_cache import activation_cache, wants_activation_cache
 from sparsify.checkpoint import save_run
 from sparsify.config import TrainConfig
 from sparsify.data import check_data_budget, iter_batches
@@ -138,18 +139,34 @@ def train(
     batches = iter_batches(
         cfg.train_data, tokenizer, rank_batch_size, n_used // world_size, "n_samples", rank, world_size
     )
+    cached: Iterator[dict[str, torch.Tensor]] | None = None
+    if wants_activation_cache(cfg, model, n_used // world_size):
+        cached = activation_cache(model, cfg, batches, rank).batches(rank_batch_size)
+        batches = iter(())  # the cache replaces the token stream
     if cfg.saes.decoder_bias_init == "data_mean":
-        first = next(batches)
-        _init_decoder_bias(model, first.to(device))
-        batches = itertools.chain([first], batches)
+        if cached is not None:
+            first_acts = next(cached)
+            _init_decoder_bias(model, acts=first_acts)
+            cached = itertools.chain([first_acts], cached)
+        else:
+            first = next(batches)
+            _init_decoder_bias(model, tokens=first.to(device))
+            batches = itertools.chain([first], batches)
+    steps: Iterator[Any] = cached if cached is not None else batches
     progress = tqdm(total=n_used * n_ctx, unit="tok", unit_scale=True, desc="train",
                     disable=not (is_main and show_progress), dynamic_ncols=True)  # fmt: skip
     window = TrainWindow()
-    for micro_step, tokens in enumerate(batches):
-        terms, total, out = forward_backward(model, tokens.to(device), plan, cfg, state.step)
-        window.add(terms, total, tokens.numel() * world_size, state.step)
-        state.samples_seen += tokens.shape[0] * world_size
-        progress.update(tokens.numel() * world_size)
+    for micro_step, batch in enumerate(steps):
+        if cached is not None:
+            terms, total, out = forward_backward(model, None, plan, cfg, state.step, cached_acts=batch)
+            shape = next(iter(batch.values())).shape
+        else:
+            terms, total, out = forward_backward(model, batch.to(device), plan, cfg, state.step)
+            shape = batch.shape
+        n_seqs, n_tokens = shape[0] * world_size, shape[0] * shape[1] * world_size
+        window.add(terms, total, n_tokens, state.step)
+        state.samples_seen += n_seqs
+        progress.update(n_tokens)
         if (micro_step + 1) % cfg.grad_accum_steps:
             del out  # frees the SAE activations before the next forward
             continue
@@ -202,8 +219,14 @@ def _tracker(cfg: TrainConfig, run_dir: Path | None) -> Tracker:
     return make_tracker(run_dir, cfg.tensorboard, cfg.wandb_project, name, cfg.model_dump(mode="json"))
 
 
-def _init_decoder_bias(model: SAETransformer, tokens: torch.Tensor) -> None:
-    model.init_decoder_bias_from_data(tokens)
+def _init_decoder_bias(
+    model: SAETransformer, tokens: torch.Tensor | None = None, acts: dict[str, torch.Tensor] | None = None
+) -> None:
+    if acts is not None:
+        model.init_decoder_bias_from_acts(acts)
+    else:
+        assert tokens is not None
+        model.init_decoder_bias_from_data(tokens)
     if dist.is_available() and dist.is_initialized():
         # ranks saw different batches; DDP needs identical parameters everywhere
         for name in model.sae_positions:
@@ -281,16 +304,22 @@ def _due(cfg: TrainConfig, state: TrainState) -> Due:
 
 
 def forward_backward(
-    model: SAETransformer, tokens: torch.Tensor, plan: LossPlan, cfg: TrainConfig, step: int
+    model: SAETransformer,
+    tokens: torch.Tensor | None,
+    plan: LossPlan,
+    cfg: TrainConfig,
+    step: int,
+    cached_acts: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, ForwardOutput]:
-    """One micro-batch (batch, pos) of token ids: loss terms, weighted total, backward of
-    total / grad_accum_steps (DESIGN.md §4). Waits for nothing on the GPU: finiteness is checked
+    """One micro-batch (batch, pos) of token ids, or of `cached_acts` from the activation cache
+    (local losses): loss terms, weighted total, backward of total / grad_accum_steps
+    (DESIGN.md §4). Waits for nothing on the GPU: finiteness is checked
     by `TrainWindow.check_finite` at the next log, eval or save.
 
     Returns:
         (unweighted terms, total loss, the SAE model's forward output).
     """
-    terms, out = loss_terms(model, tokens, plan)
+    terms, out = loss_terms(model, tokens, plan, cached_acts=cached_acts)
     total = weighted_total(terms, cfg.loss)
     (total / cfg.grad_accum_steps).backward()
     return terms, total, out

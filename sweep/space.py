@@ -9,6 +9,7 @@ configs are validated as `TrainConfig`s before any trial starts, so a typo fails
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import random
 from pathlib import Path
@@ -157,8 +158,12 @@ class SearchSpace(StrictModel):
     def _objectives_exist(cls, objectives: list[Objective]) -> list[Objective]:
         for objective in objectives:
             if objective.metric not in PRODUCED_EVAL_METRICS:
+                by_lower = {m.lower(): m for m in PRODUCED_EVAL_METRICS}
+                close = [by_lower[objective.metric.lower()]] if objective.metric.lower() in by_lower else []
+                close = close or difflib.get_close_matches(objective.metric, PRODUCED_EVAL_METRICS, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
                 raise ValueError(
-                    f"{objective.metric!r} is not a metric trials report; "
+                    f"{objective.metric!r} is not a metric trials report; {hint}"
                     f"allowed: {', '.join(PRODUCED_EVAL_METRICS)}"
                 )
         return objectives
