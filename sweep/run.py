@@ -240,15 +240,24 @@ def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
     start = time.perf_counter()
     quiet_library_progress_bars()
     models: dict[str, Any] = {}
+    checked: set[str] = set()
     for arm_name in loaded.space.arms:
-        for params in loaded.sample_trials(arm_name, 1):
+        # the edges of the search: a searched n_ctx, hook or data size fails here, not in trial 37
+        corners = loaded.corner_trials(arm_name)
+        print(f"checking arm {arm_name} at {len(corners)} corners of its search (model and data are "
+              "cached after the first run) ...", flush=True)  # fmt: skip
+        for params in corners:
             cfg = loaded.trial_config(arm_name, params)
-            print(f"checking arm {arm_name} on {cfg.model_name} (model and data cached after the first run) ...",
-                  flush=True)  # fmt: skip
+            key = cfg.model_dump_json()
+            if key in checked:
+                continue
+            checked.add(key)
             try:
                 models[cfg.model_name] = prepare(cfg, models.get(cfg.model_name))
             except SparsifyError as exc:
-                raise type(exc)(f"{loaded.source}: arms.{arm_name}: {exc}") from None
+                shown = ", ".join(f"{k}={v}" for k, v in params.items())
+                where = f" (at {shown})" if shown else ""
+                raise type(exc)(f"{loaded.source}: arms.{arm_name}{where}: {exc}") from None
     models.clear()  # the driver does not need the weights while trials run
     context = start_ray()
     if not os.environ.get("RAY_ADDRESS"):

@@ -215,6 +215,13 @@ class LoadedSpace:
         tree = trial_config_dict(self.base, arm, params)
         return validate_config(tree, source=f"{self.source}: arms.{arm_name}")
 
+    def corner_trials(self, arm_name: str) -> list[dict[str, Any]]:
+        """Parameter sets at the edges of an arm's search: every searched value at its low end,
+        then each one moved to each of its other corners (categorical: every value)."""
+        corners = {param: dist.corners() for param, dist in self.space.arms[arm_name].search.items()}
+        low = {param: values[0] for param, values in corners.items()}
+        return [low] + [{**low, param: value} for param, values in corners.items() for value in values[1:]]
+
     def sample_trials(self, arm_name: str, n: int, seed: int | None = None) -> list[dict[str, Any]]:
         """`n` parameter sets of an arm (what --dry-run prints): its initial points, then
         random draws."""
@@ -244,17 +251,14 @@ def load_search_space(path: str | Path) -> LoadedSpace:
         base = dict(space.base_config)
     loaded = LoadedSpace(space, base, str(path))
     for arm_name, arm in space.arms.items():
-        corners = {param: dist.corners() for param, dist in arm.search.items()}
-        # all searched params at their low ends, then each param at each of its corners
-        low = {param: values[0] for param, values in corners.items()}
+        low, *others = loaded.corner_trials(arm_name)
         if loaded.trial_config(arm_name, low).eval_data is None:
             raise ConfigError(
                 f"{path}: arms.{arm_name}: eval_data is null, but the objectives are eval metrics; "
                 "give base_config an eval_data section"
             )
-        for param, values in corners.items():
-            for value in values[1:]:
-                loaded.trial_config(arm_name, {**low, param: value})
+        for params in others:
+            loaded.trial_config(arm_name, params)
         try:
             arm.check_initial_points()
         except ValueError as exc:

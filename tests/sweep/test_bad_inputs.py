@@ -181,6 +181,13 @@ SWEEP_CASES: list[tuple[str, Mutation, list[str]]] = [
     ("missing data files", setting("base_config.train_data.files", ["/nonexistent/*.txt"]),
      ["arms.", "/nonexistent/*.txt"]),
     ("corpus smaller than the run", setting("base_config.n_samples", 10_000_000), ["arms.", "n_samples"]),
+    ("searched n_ctx above the model's context", lambda t, p: t["arms"]["e2e"]["search"].update(
+        {"train_data.n_ctx": {"type": "int", "low": 16, "high": 4096}}),
+        ["arms.e2e (at ", "train_data.n_ctx=4096", "exceeds the model's context of 64"]),
+    ("searched hook the model lacks", lambda t, p: t["arms"]["local"]["search"].update(
+        {"saes.sae_positions": {"type": "categorical", "values": [["blocks.1.hook_resid_pre"],
+                                                                   ["blocks.7.hook_resid_pre"]]}}),
+        ["arms.local (at ", "blocks.7.hook_resid_pre"]),
 ]  # fmt: skip
 
 
