@@ -130,7 +130,7 @@ def test_sweep_without_eval_data_is_rejected(tmp_path):
 def test_uri_storage_and_zero_trials_are_one_line_errors(tmp_path, capsys):
     path = write(tmp_path, MINIMAL)
     assert run_main([str(path), "--num-samples", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --num-samples: must be >= 1 (got 0)"
+    assert capsys.readouterr().err.strip() == f"error: {path}: --num-samples: must be >= 1 (got 0)"
     assert run_main([str(path), "--storage", "s3://bucket/sweeps"]) == 2
     assert "is a URI; use a local or shared-filesystem folder" in capsys.readouterr().err
 
