@@ -23,7 +23,14 @@ LATER_RESID_PRE = "later_resid_pre"
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: `lr: .inf` is a typo to report, not a run to diverge
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+
+SEED_RANGE = {"ge": 0, "lt": 2**32}
+"""Seeds every generator (numpy, Optuna) accepts."""
+SAFE_NAME = r"^[A-Za-z0-9_+=,-][A-Za-z0-9_.+=,-]*$"
+"""A folder name that stays inside its parent: no '/', no leading '.' (so no '..')."""
 
 
 class SparsityLoss(StrictModel):
@@ -122,7 +129,7 @@ class DataConfig(StrictModel):
     """Stream a hub dataset instead of downloading it whole (shuffled in a 10k-row buffer)."""
     n_ctx: int = Field(default=128, gt=1)
     """Tokens per sequence."""
-    seed: int = 0
+    seed: int = Field(default=0, **SEED_RANGE)
     """Shuffle seed; use a different one for eval."""
 
     @model_validator(mode="after")
@@ -151,7 +158,7 @@ class TrainConfig(StrictModel):
     train_data: DataConfig = DataConfig(embedded="sotu", split="train")
     eval_data: DataConfig | None = DataConfig(embedded="sotu", split="test", seed=1)
     """Held-out stream for eval metrics; leave out to skip eval."""
-    seed: int = 0
+    seed: int = Field(default=0, **SEED_RANGE)
     """Seeds SAE init and data order."""
     n_samples: int = Field(gt=0)
     """Training sequences (of n_ctx tokens each)."""
@@ -179,8 +186,9 @@ class TrainConfig(StrictModel):
     """Checkpoint the SAEs every N samples; the final SAEs are always saved."""
     save_dir: str | None = "runs"
     """Folder for run outputs; null writes nothing."""
-    run_name: str | None = None
-    """Run folder name; default derived from the SAE positions and coefficients."""
+    run_name: str | None = Field(default=None, pattern=SAFE_NAME)
+    """Run folder name (letters, digits, `_.+=,-`; not starting with '.'); default derived from
+    the SAE positions and coefficients."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the frozen language model; SAEs and optimizer always train in float32."""
@@ -249,7 +257,7 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     section (search-space arms, searched distributions) consumes one key of `loc`."""
     current: Any = model
     for part in loc:
-        if isinstance(current, tuple):  # ("dict", Model): `part` is one of the dict's keys
+        if isinstance(current, tuple):  # ("item", Model): `part` is a dict key or list index
             current = current[1]
             continue
         field = getattr(current, "model_fields", {}).get(part)
@@ -264,13 +272,13 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _section_type(annotation: Any) -> Any:
-    """The pydantic model a field holds (through Optional), ("dict", Model) for a mapping of
-    models, or None."""
+    """The pydantic model a field holds (through Optional), ("item", Model) for a dict or list
+    of models, or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if typing.get_origin(annotation) is dict:
-        value = _section_type(typing.get_args(annotation)[1])
-        return ("dict", value) if isinstance(value, type) else None
+    if typing.get_origin(annotation) in (dict, list):  # one key or index of `loc`, then a model
+        value = _section_type(typing.get_args(annotation)[-1])
+        return ("item", value) if isinstance(value, type) else None
     for arg in typing.get_args(annotation):
         found = _section_type(arg)
         if found is not None:
@@ -313,9 +321,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

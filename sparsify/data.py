@@ -88,9 +88,16 @@ def _first_unreadable(files: list[Path]) -> Path | None:
                 import pyarrow.parquet as pq
 
                 pq.read_schema(path)
-            elif path.suffix in (".json", ".jsonl"):
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".jsonl":
                 with path.open() as f:
-                    json.loads(f.readline() or "{}")
+                    for line_number, line in enumerate(f, start=1):
+                        if line.strip():
+                            try:
+                                json.loads(line)
+                            except ValueError:
+                                return Path(f"{path}:{line_number}")
             else:
                 path.read_text()
         except Exception:
@@ -144,6 +151,11 @@ def local_token_stream(data: DataConfig, tokenizer: Any) -> Int[Tensor, " n_toke
         value = row[data.column]
         if data.is_tokenized:
             # pre-tokenized rows are already chunks: no separator between them
+            if isinstance(value, str) or not all(isinstance(i, int) for i in value):
+                raise DataError(
+                    f"column_name: {data.column!r} holds {type(value).__name__} values, not lists of "
+                    "token ids; set is_tokenized: false for text"
+                )
             ids = [int(i) for i in value]
             if _in_split(",".join(map(str, ids)), data.split):
                 pieces.append(torch.tensor(ids, dtype=torch.int32))

@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from sparsify.errors import ConfigError
 from sparsify.hooks import block_index, check_hook_names, hook_to_key
 from sparsify.sae import SAE
 
@@ -80,6 +81,12 @@ class SAETransformer(nn.Module):
         self.sae_positions = list(sae_positions)
         self.first_position = 1 if skip_first_position else 0
         widths = self._activation_widths(self.sae_positions)
+        for name, width in widths.items():
+            if round(dict_size_to_input_ratio * width) < 1:
+                raise ConfigError(
+                    f"saes.dict_size_to_input_ratio: {dict_size_to_input_ratio:g} x {width} (the width "
+                    f"of {name}) rounds to a dictionary of 0 elements"
+                )
         device = self.model_device
         self.saes = nn.ModuleDict(
             {

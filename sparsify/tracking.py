@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sparsify.errors import MissingPackageError
+from sparsify.errors import ConfigError, MissingPackageError
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +38,29 @@ class TensorBoardTracker(Tracker):
 
 
 class WandbTracker(Tracker):
-    def __init__(self, project: str, run_name: str, config: dict[str, Any]):
+    """W&B run; its files go into the run folder (not ./wandb). Without network, set
+    WANDB_MODE=offline and `wandb sync` later."""
+
+    def __init__(self, project: str, run_name: str, config: dict[str, Any], run_dir: Path | None = None):
         try:
             import wandb
         except ImportError:
             raise MissingPackageError(
                 "wandb_project is set but wandb is not installed: pip install wandb"
             ) from None
-        self.run = wandb.init(project=project, name=run_name, config=config)
+        try:
+            self.run = wandb.init(
+                project=project,
+                name=run_name,
+                config=config,
+                dir=str(run_dir) if run_dir is not None else None,
+                settings=wandb.Settings(init_timeout=60),
+            )
+        except Exception as exc:  # no network, bad key, ...: one line, not wandb's traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"wandb_project: cannot start W&B ({first}); set WANDB_MODE=offline to log locally"
+            ) from None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -75,5 +90,5 @@ def make_tracker(
     if tensorboard and run_dir is not None:
         trackers.append(TensorBoardTracker(run_dir / "tensorboard"))
     if wandb_project:
-        trackers.append(WandbTracker(wandb_project, run_name, config))
+        trackers.append(WandbTracker(wandb_project, run_name, config, run_dir))
     return MultiTracker(trackers) if trackers else Tracker()

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{args.config}: {message}"  # errors found after loading name the file too
         print(f"error: {redact(message)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the run folder keeps its last checkpoint", file=sys.stderr)
+        return 130
     except DivergedError as exc:
         print(
             f"error: training diverged: {redact(str(exc))} (try a lower lr or max_grad_norm)", file=sys.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -129,12 +130,15 @@ def train(
     device = model.model_device
     is_main = rank == 0
     run_dir = run_dir_for(cfg) if is_main else None
-    tracker = _tracker(cfg, run_dir) if is_main else Tracker()
     optimizer = torch.optim.Adam(model.saes.parameters(), lr=cfg.lr)
     state = TrainState()
     n_ctx = cfg.train_data.n_ctx
     rank_batch_size = _per_rank(cfg.batch_size, world_size)
     check_data_budget(cfg, tokenizer, world_size)
+    if run_dir is not None:
+        _check_writable(run_dir)
+    # created after every check: a rejected config leaves no TensorBoard or W&B run behind
+    tracker = _tracker(cfg, run_dir) if is_main else Tracker()
     n_used = cfg.n_grad_steps * cfg.samples_per_step  # whole optimizer steps only
     batches = iter_batches(
         cfg.train_data, tokenizer, rank_batch_size, n_used // world_size, "n_samples", rank, world_size
@@ -204,6 +208,17 @@ def train(
         logger.info("saved SAEs, config and metrics to %s", run_dir)
     report(final, run_dir)
     return TrainResult(run_dir=run_dir, metrics=final, model=model)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Raises ConfigError (save_dir / run_name) unless the run folder can be created."""
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"save_dir: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK):
+                raise ConfigError(f"save_dir: cannot write into {folder}")
+            return
 
 
 def _per_rank(batch_size: int, world_size: int) -> int:

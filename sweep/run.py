@@ -10,6 +10,7 @@ same command resumes an interrupted sweep. At the end the frontier report is wri
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sparsify.atomic import atomic_write_text
 from sparsify.errors import MissingPackageError, SparsifyError
 from sparsify.redact import redact
 from sweep.space import Distribution, LoadedSpace, load_search_space
@@ -46,7 +48,11 @@ def sweep_folder(storage_path: str, name: str) -> Path:
             f"storage_path: {storage_path!r} is a URI; use a local or shared-filesystem folder "
             "(e.g. an EFS/NFS mount on every node)"
         )
-    return (Path(storage_path).expanduser() / name).resolve()
+    storage = Path(storage_path).expanduser()
+    for folder in (storage, storage / name):
+        if folder.exists() and not folder.is_dir():
+            raise SparsifyError(f"storage_path: {folder} is a file, not a folder")
+    return (storage / name).resolve()
 
 
 def to_tune(dist: Distribution) -> Any:
@@ -75,6 +81,10 @@ def optuna_sampler(name: str, seed: int) -> Any:
     return samplers[name]()
 
 
+DRY_RUN_SHOWN = 20
+"""Trials per arm a dry run prints."""
+
+
 def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
     """Print every arm's fixed settings and `num_samples` sampled trial configs (validated)."""
     space = loaded.space
@@ -85,7 +95,8 @@ def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
     for arm_name, arm in space.arms.items():
         searched = ", ".join(f"{p} ~ {d.type}" for p, d in arm.search.items()) or "nothing"
         print(f"\narm {arm_name}: searches {searched}")
-        for i, params in enumerate(loaded.sample_trials(arm_name, num_samples)):
+        shown_trials = min(num_samples, DRY_RUN_SHOWN)
+        for i, params in enumerate(loaded.sample_trials(arm_name, shown_trials)):
             cfg = loaded.trial_config(arm_name, params)
             shown = ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
@@ -95,6 +106,8 @@ def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
                 f"  trial {i}: {shown or '(no searched parameters)'} | loss {terms} "
                 f"| {cfg.n_samples} samples x {cfg.train_data.n_ctx} tokens | model {cfg.model_name}"
             )
+        if num_samples > shown_trials:
+            print(f"  ... and {num_samples - shown_trials} more")
 
 
 def start_ray() -> Any:
@@ -112,19 +125,38 @@ def start_ray() -> Any:
 
 
 def check_resources(loaded: LoadedSpace) -> None:
-    """Fail fast when one trial asks for more than this machine has (it would hang). Not used
-    on a cluster, where the autoscaler may add the nodes a trial needs."""
-    import ray
+    """Fail fast, before Ray starts, when one trial asks for more than this machine has (it
+    would wait forever). Not used on a cluster, where the autoscaler may add the nodes."""
+    import torch
 
     res = loaded.space.resources
-    total = ray.cluster_resources()
+    have_cpu, have_gpu = os.cpu_count() or 1, torch.cuda.device_count()
     need_cpu = res.num_workers * res.cpus_per_worker
     need_gpu = res.num_workers * res.gpus_per_worker
-    if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0):
+    if need_cpu > have_cpu or need_gpu > have_gpu:
         raise SparsifyError(
-            f"{loaded.source}: resources: one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs; the Ray "
-            f"cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs"
+            f"{loaded.source}: resources: one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs; this "
+            f"machine has {have_cpu} CPUs and {have_gpu} GPUs (on a cluster, set RAY_ADDRESS)"
         )
+
+
+SPACE_RECORD = "search_space.json"
+"""The validated search space a sweep folder was started with (a rerun must match it)."""
+
+
+def check_same_space(loaded: LoadedSpace, sweep_dir: Path) -> None:
+    """A rerun resumes the sweep in its folder: refuse if the search space has changed since
+    (its trials and Optuna studies belong to the old one); record it on the first run."""
+    current = json.dumps({"space": loaded.space.model_dump(mode="json"), "base": loaded.base}, sort_keys=True)
+    record = sweep_dir / SPACE_RECORD
+    if record.exists():
+        if record.read_text() != current:
+            raise SparsifyError(
+                f"{loaded.source}: sweep folder {sweep_dir} holds a sweep of a different search space; "
+                "rename the sweep (name), pick another --storage, or delete that folder"
+            )
+        return
+    atomic_write_text(record, current)
 
 
 def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: int) -> Any:
@@ -234,6 +266,8 @@ def require_sweep_packages() -> None:
 def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
     """Run every arm's trials, then write and return the report (`sweep.report`)."""
     require_sweep_packages()
+    if not os.environ.get("RAY_ADDRESS"):
+        check_resources(loaded)
     from sparsify import prepare, quiet_library_progress_bars
     from sweep.report import build_report
 
@@ -259,9 +293,8 @@ def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
                 where = f" (at {shown})" if shown else ""
                 raise type(exc)(f"{loaded.source}: arms.{arm_name}{where}: {exc}") from None
     models.clear()  # the driver does not need the weights while trials run
+    check_same_space(loaded, sweep_dir)
     context = start_ray()
-    if not os.environ.get("RAY_ADDRESS"):
-        check_resources(loaded)
     dashboard = getattr(context, "dashboard_url", None)
     if dashboard:
         print(f"Ray dashboard: http://{dashboard}", flush=True)
@@ -293,18 +326,21 @@ def main(argv: list[str] | None = None) -> int:
         num_samples = loaded.space.num_samples if args.num_samples is None else args.num_samples
         if num_samples < 1:
             raise SparsifyError(f"--num-samples: must be >= 1 (got {num_samples})")
-        if args.dry_run:
-            dry_run(loaded, num_samples)
-            return 0
         try:
             sweep_dir = sweep_folder(args.storage or loaded.space.storage_path, loaded.space.name)
         except SparsifyError as exc:
             raise SparsifyError(f"{'--storage' if args.storage else loaded.source}: {exc}") from None
+        if args.dry_run:
+            dry_run(loaded, num_samples)
+            return 0
         if args.resume and not sweep_dir.exists():
             raise SparsifyError(f"--resume: no sweep folder {sweep_dir} to resume")
         print(f"sweep folder: {sweep_dir}", flush=True)
         print(f"TensorBoard: tensorboard --logdir {sweep_dir / 'runs'}", flush=True)
         report = run_sweep(loaded, sweep_dir, num_samples)
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
     except SparsifyError as exc:
         if args.debug:
             raise

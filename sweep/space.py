@@ -12,13 +12,14 @@ import copy
 import difflib
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparsify import metric_names as names
-from sparsify.config import TrainConfig, read_yaml, validate_config, validate_model
+from sparsify.config import SAFE_NAME, SEED_RANGE, TrainConfig, read_yaml, validate_config, validate_model
 from sparsify.errors import ConfigError
 
 PRODUCED_EVAL_METRICS = (
@@ -98,6 +99,13 @@ class Arm(StrictModel):
     initial_points: list[dict[str, Any]] = Field(default_factory=list)
     """Parameter sets tried first (each names every searched path), before the sampler's own."""
 
+    @model_validator(mode="after")
+    def _set_and_search_apart(self) -> Arm:
+        both = sorted(set(self.set) & set(self.search))
+        if both:
+            raise ValueError(f"{', '.join(both)} is both set and searched; keep it in one of them")
+        return self
+
     def check_initial_points(self) -> None:
         """Raises ValueError unless each initial point sets exactly the searched paths, in range."""
         for i, point in enumerate(self.initial_points):
@@ -132,8 +140,9 @@ class Resources(StrictModel):
 
 
 class SearchSpace(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    """Sweep name: the results folder is storage_path/name (rerun to resume)."""
+    name: str = Field(pattern=SAFE_NAME)
+    """Sweep name: the results folder is storage_path/name (rerun to resume). Letters, digits,
+    `_.+=,-`, not starting with '.'."""
     base_config: dict[str, Any] | str
     """Training config shared by all trials: inline, or a YAML path relative to this file."""
     arms: dict[str, Arm] = Field(min_length=1)
@@ -145,13 +154,24 @@ class SearchSpace(StrictModel):
     max_concurrent_trials: int = Field(default=1, ge=1)
     storage_path: str = "sweeps"
     """Local folder (relative to the working directory) or cloud URI for results."""
-    seed: int = 0
+    seed: int = Field(default=0, **SEED_RANGE)
     """Seeds the Optuna samplers."""
     sampler: Literal["tpe", "nsga2", "qmc", "random"] = "tpe"
     """Optuna sampler of every arm's study: `tpe` (multi-objective TPE; its first 10 trials are
     random), `nsga2` (genetic, for large budgets), `qmc` (quasi-random Sobol points that spread
     evenly over the ranges: best for a handful of trials), `random`."""
     resources: Resources = Resources()
+
+    @field_validator("arms")
+    @classmethod
+    def _arm_names_are_folder_names(cls, arms: dict[str, Arm]) -> dict[str, Arm]:
+        for name in arms:
+            if not re.match(SAFE_NAME, name):
+                raise ValueError(
+                    f"arm name {name!r} must be letters, digits or `_.+=,-`, not starting with '.' "
+                    "(it names folders)"
+                )
+        return arms
 
     @field_validator("objectives")
     @classmethod
@@ -240,6 +260,11 @@ def load_search_space(path: str | Path) -> LoadedSpace:
     """
     path = Path(path)
     raw = read_yaml(path)
+    if "arms" not in raw and {"saes", "loss"} & set(raw):
+        raise ConfigError(
+            f"{path}: this is a training config, not a search space; train it with "
+            f"`python -m sparsify.train {path}`, or name it as base_config of a search space"
+        )
     space = validate_model(SearchSpace, raw, str(path))
     if isinstance(space.base_config, str):
         base_path = (path.parent / space.base_config).resolve()

@@ -5,6 +5,7 @@ traceback, and nothing written to the sweep folder. The ids below are the list i
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,24 @@ def corrupt_data_file(tree: dict[str, Any], tmp_path: Path) -> None:
     tree["train_data"]["files"] = [str(bad)]
 
 
+def corrupt_tokenized_column(tree: dict[str, Any], tmp_path: Path) -> None:
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "words " * 50}) for _ in range(40)))
+    tree["train_data"] = {
+        "files": [str(text)],
+        "split": "all",
+        "n_ctx": 16,
+        "is_tokenized": True,
+        "column_name": "text",
+    }
+
+
+def corrupt_jsonl(tree: dict[str, Any], tmp_path: Path) -> None:
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "unterminated\n')
+    tree["train_data"]["files"] = [str(bad)]
+
+
 # (id, mutation of the training config, substrings the one line must contain)
 TRAIN_CASES: list[tuple[str, Mutation, list[str]]] = [
     ("misspelled top-level key", renaming("batch_size", "batch_sise"), ["batch_sise", "did you mean batch_size"]),
@@ -78,6 +97,14 @@ TRAIN_CASES: list[tuple[str, Mutation, list[str]]] = [
     ("unreadable data file", corrupt_data_file, ["train_data", "broken.parquet"]),
     ("corpus smaller than the run", setting("n_samples", 10_000_000), ["n_samples", "tokens"]),
     ("hub model unreachable", setting("model_name", "no-such-org/no-such-model"), ["model_name", "no-such-org"]),
+    ("run_name escaping save_dir", setting("run_name", "../../escaped"), ["run_name", "should match pattern"]),
+    ("seed out of range", setting("seed", 10**30), ["seed", "less than 4294967296"]),
+    ("non-finite lr", setting("lr", float("inf")), ["lr", "finite"]),
+    ("dictionary of 0 elements", setting("saes.dict_size_to_input_ratio", 1e-9), ["dict_size_to_input_ratio", "0 elements"]),
+    ("save_dir is a file", lambda t, p: (p / "afile").write_text("x") and t.update(save_dir=str(p / "afile")),
+     ["save_dir", "is a file"]),
+    ("is_tokenized on text", corrupt_tokenized_column, ["column_name", "is_tokenized: false"]),
+    ("corrupt jsonl line", corrupt_jsonl, ["train_data.files", "broken.jsonl:2"]),
 ]  # fmt: skip
 
 
@@ -184,6 +211,21 @@ SWEEP_CASES: list[tuple[str, Mutation, list[str]]] = [
     ("searched n_ctx above the model's context", lambda t, p: t["arms"]["e2e"]["search"].update(
         {"train_data.n_ctx": {"type": "int", "low": 16, "high": 4096}}),
         ["arms.e2e (at ", "train_data.n_ctx=4096", "exceeds the model's context of 64"]),
+    ("arm name escaping the sweep folder", lambda t, p: t["arms"].update({"../../escaped": t["arms"].pop("local")}),
+     ["arms", "'../../escaped'", "names folders"]),
+    ("sweep name '..'", setting("name", ".."), ["name", "should match pattern"]),
+    ("sampler seed out of range", setting("seed", 2**40), ["seed", "less than 4294967296"]),
+    ("objective key typo", setting("objectives", [{"metric": "eval/L0", "mdoe": "min"}]),
+     ["objectives.0.mdoe", "did you mean mode?"]),
+    ("set and searched", lambda t, p: t["arms"]["local"].update({"set": {"loss.sparsity.coeff": 5.0}}),
+     ["arms.local", "both set and searched"]),
+    ("a training config given as a search space", lambda t, p: (t.clear(), t.update(
+        {"saes": {"sae_positions": ["blocks.1.hook_resid_pre"]}, "loss": {"out_to_in": {"coeff": 1}}})),
+     ["this is a training config", "python -m sparsify.train"]),
+    ("storage_path is a file", lambda t, p: (p / "afile").write_text("x") and t.update(storage_path=str(p / "afile")),
+     ["storage_path", "is a file"]),
+    ("trial needs more CPUs than the machine", setting("resources", {"cpus_per_worker": 512}),
+     ["resources", "512 CPUs", "RAY_ADDRESS"]),
     ("searched hook the model lacks", lambda t, p: t["arms"]["local"]["search"].update(
         {"saes.sae_positions": {"type": "categorical", "values": [["blocks.1.hook_resid_pre"],
                                                                    ["blocks.7.hook_resid_pre"]]}}),
@@ -208,6 +250,34 @@ def test_missing_sweep_packages_say_how_to_install(tiny_model_dir, corpus_dir, t
         capsys, sweep_main([str(path)]), path, ["optuna", "pip install -e '.[sweep]'"]
     )
     assert "optuna" in line and not (tmp_path / "sweeps").exists()
+
+
+def test_non_utf8_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"model_name: caf\xe9\n")
+    assert_one_line_error(capsys, train_main([str(path)]), path, ["not UTF-8"])
+    assert_one_line_error(capsys, sweep_main([str(path)]), path, ["not UTF-8"])
+
+
+def test_a_changed_search_space_does_not_resume_the_old_sweep(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    from sweep.run import SPACE_RECORD
+
+    tree = search_space(tiny_model_dir, corpus_dir, tmp_path)
+    folder = tmp_path / "sweeps" / tree["name"]
+    folder.mkdir(parents=True)
+    (folder / SPACE_RECORD).write_text('{"space": "an older search space"}')
+    path = write_yaml(tmp_path / "space.yaml", tree)
+    assert_one_line_error(
+        capsys, sweep_main([str(path)]), path, ["holds a sweep of a different search space"]
+    )
+    assert sorted(p.name for p in folder.iterdir()) == [SPACE_RECORD]
+
+
+def test_dry_run_of_a_huge_budget_prints_a_sample(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    tree = search_space(tiny_model_dir, corpus_dir, tmp_path)
+    tree["num_samples"] = 10**20
+    assert sweep_main([str(write_yaml(tmp_path / "space.yaml", tree)), "--dry-run"]) == 0
+    assert f"... and {10**20 - 20} more" in capsys.readouterr().out
 
 
 def test_valid_files_pass_the_same_checks(tiny_model_dir, corpus_dir, tmp_path):
