@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -211,14 +210,15 @@ def train(
 
 
 def _check_writable(run_dir: Path) -> None:
-    """Raises ConfigError (save_dir / run_name) unless the run folder can be created."""
+    """Create the run folder now, after every other check: a save_dir that cannot hold it
+    fails here in one line, not after training. Raises ConfigError."""
     for folder in (run_dir, *run_dir.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise ConfigError(f"save_dir: {folder} is a file, not a folder")
-            if not os.access(folder, os.W_OK):
-                raise ConfigError(f"save_dir: cannot write into {folder}")
-            return
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"save_dir: {folder} is a file, not a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"save_dir: cannot create {run_dir} ({exc.strerror})") from None
 
 
 def _per_rank(batch_size: int, world_size: int) -> int:

@@ -103,6 +103,7 @@ TRAIN_CASES: list[tuple[str, Mutation, list[str]]] = [
     ("dictionary of 0 elements", setting("saes.dict_size_to_input_ratio", 1e-9), ["dict_size_to_input_ratio", "0 elements"]),
     ("save_dir is a file", lambda t, p: (p / "afile").write_text("x") and t.update(save_dir=str(p / "afile")),
      ["save_dir", "is a file"]),
+    ("save_dir that cannot be created", setting("save_dir", "/proc/no-such-dir"), ["save_dir", "cannot create"]),
     ("is_tokenized on text", corrupt_tokenized_column, ["column_name", "is_tokenized: false"]),
     ("corrupt jsonl line", corrupt_jsonl, ["train_data.files", "broken.jsonl:2"]),
 ]  # fmt: skip
