@@ -98,7 +98,7 @@ def activation_cache(
         token_batches: the run's training batches (batch, pos), in training order.
         rank: DDP rank (each rank caches its own shard).
     """
-    batches = [tokens for tokens in token_batches]
+    batches = list(token_batches)
     path = cache_dir() / "activations" / f"{_cache_key(model, cfg, batches, rank)}.safetensors"
     cache = ActivationCache(path, list(model.sae_positions))
     if path.exists():

@@ -157,12 +157,18 @@ class SAETransformer(nn.Module):
     def apply_saes(self, acts: dict[str, Tensor]) -> ForwardOutput:
         """Every SAE on stored activations (batch, pos, d_in) of its position, e.g. from an
         activation cache: what `forward` gives the local loss terms, without running the model."""
-        sae_acts: dict[str, SAEActivations] = {}
-        for name in self.sae_positions:
-            sae_in = acts[name][:, self.first_position :].to(self.model_device).float()
-            codes, sae_out = self.sae(name)(sae_in)
-            sae_acts[name] = SAEActivations(sae_in=sae_in, codes=codes, sae_out=sae_out)
+        sae_acts = {
+            name: self._run_sae(name, acts[name].to(self.model_device)) for name in self.sae_positions
+        }
         return ForwardOutput(logits=None, sae_acts=sae_acts)
+
+    def _run_sae(self, hook_name: str, activation: Tensor) -> SAEActivations:
+        """The SAE at `hook_name` on an activation (batch, pos, d_in), positions before
+        `first_position` left out; SAEs run in float32 even when the frozen model runs in bf16."""
+        sae_in = activation[:, self.first_position :].float()
+        with torch.autocast(activation.device.type, enabled=False):
+            codes, sae_out = self.sae(hook_name)(sae_in)
+        return SAEActivations(sae_in=sae_in, codes=codes, sae_out=sae_out)
 
     def _activation_widths(self, names: Sequence[str]) -> dict[str, int]:
         probe = torch.zeros((1, 2), dtype=torch.long, device=self.model_device)
@@ -251,18 +257,12 @@ class SAETransformer(nn.Module):
         return ForwardOutput(logits=logits, acts=acts, sae_acts=sae_acts)
 
     def _splice_into(self, store: dict[str, SAEActivations], hook_name: str) -> Any:
-        sae = self.sae(hook_name)
-
         def splice(activation: Tensor, hook: Any) -> Tensor:
-            # SAEs train in float32 even when the frozen model runs in bf16
-            sae_in = activation[:, self.first_position :].float()
-            with torch.autocast(activation.device.type, enabled=False):
-                codes, sae_out = sae(sae_in)
-            store[hook_name] = SAEActivations(sae_in=sae_in, codes=codes, sae_out=sae_out)
+            acts = store[hook_name] = self._run_sae(hook_name, activation)
+            sae_out = acts.sae_out.to(activation.dtype)
             if self.first_position:
-                kept = activation[:, : self.first_position]
-                return torch.cat([kept, sae_out.to(activation.dtype)], dim=1)
-            return sae_out.to(activation.dtype)
+                return torch.cat([activation[:, : self.first_position], sae_out], dim=1)
+            return sae_out
 
         return splice
 
