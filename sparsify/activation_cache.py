@@ -45,19 +45,22 @@ MAX_CACHE_BYTES = 8 * 2**30
 
 def wants_activation_cache(cfg: TrainConfig, model: SAETransformer, n_sequences: int) -> bool:
     """Whether a run reads its SAE inputs from the cache: its loss needs nothing but them
-    (local), its data is local (hub streams are not replayed), its `n_sequences` x n_ctx tokens
-    fit in `MAX_CACHE_BYTES`, and `activation_cache` is `on`, or `auto` on a CPU.
+    (local), it has one SAE (a second SAE's input depends on the first one's output), its data
+    is local (hub streams are not replayed), its `n_sequences` x n_ctx tokens fit in
+    `MAX_CACHE_BYTES`, and `activation_cache` is `on`, or `auto` on a CPU.
 
     Raises:
-        ConfigError: `activation_cache: on` for a loss or data the cache cannot serve.
+        ConfigError: `activation_cache: on` for a loss, SAEs or data the cache cannot serve.
     """
     local_loss = not cfg.loss.needs_original_model and not cfg.loss.needs_logits
     local_data = cfg.train_data.dataset_name is None
-    if cfg.activation_cache == "on" and not (local_loss and local_data):
+    servable = local_loss and local_data and len(model.sae_positions) == 1
+    if cfg.activation_cache == "on" and not servable:
         raise ConfigError(
-            "activation_cache: on needs a local loss (sparsity, out_to_in) and local train_data"
+            "activation_cache: on needs a local loss (sparsity, out_to_in), one SAE position "
+            "and local train_data"
         )
-    if cfg.activation_cache == "off" or not (local_loss and local_data):
+    if cfg.activation_cache == "off" or not servable:
         return False
     widths = sum(model.sae(name).d_in for name in model.sae_positions)
     n_bytes = n_sequences * cfg.train_data.n_ctx * widths * 4

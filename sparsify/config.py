@@ -109,7 +109,15 @@ class SAEsConfig(StrictModel):
     others in most LMs. Off in the reference library."""
     decoder_bias_init: Literal["default", "data_mean"] = "default"
     """`default`: nn.Linear's init, as in the reference; `data_mean`: the mean SAE input over
-    the first training batch (helps short runs on large-norm activations)."""
+    the first training batch (helps short runs on large-norm activations). Pretrained SAEs keep
+    their bias."""
+    pretrained_sae_paths: list[str] | None = None
+    """Start from trained SAEs: run folders, `.safetensors` files or reference `.pt` files whose
+    keys name SAE positions of this config (a later file overrides an earlier one), e.g. an e2e
+    SAE initialized from a local one."""
+    retrain_saes: bool = False
+    """With pretrained_sae_paths: keep training the loaded SAEs (true) or freeze them and train
+    only the others (false, as in the reference)."""
 
 
 class DataConfig(StrictModel):
@@ -182,6 +190,9 @@ class TrainConfig(StrictModel):
     """Eval sequences for CE, KL, L0 and explained variance."""
     act_frequency_n_tokens: int = Field(default=100_000, gt=0)
     """Eval tokens over which alive dictionary elements are counted."""
+    collect_act_frequency_every_n_samples: int | None = Field(default=None, gt=0)
+    """Also count alive dictionary elements every N samples during training (logged as
+    `eval/alive_dict_elements`); they are always counted at the end."""
     save_every_n_samples: int | None = Field(default=None, gt=0)
     """Checkpoint the SAEs every N samples; the final SAEs are always saved."""
     save_dir: str | None = "runs"

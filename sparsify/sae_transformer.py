@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,6 +95,8 @@ class SAETransformer(nn.Module):
                 for name in self.sae_positions
             }
         ).to(device)
+        self.pretrained: set[str] = set()
+        """SAE positions whose weights came from `load_saes` (data-mean bias init skips them)."""
         self.resume_hook = self._resume_hook()
 
     def _resume_hook(self) -> str | None:
@@ -151,8 +154,96 @@ class SAETransformer(nn.Module):
     def init_decoder_bias_from_acts(self, acts: dict[str, Tensor]) -> None:
         """As `init_decoder_bias_from_data`, from activations (batch, pos, d_in) per SAE position."""
         for name in self.sae_positions:
+            if name in self.pretrained:
+                continue
             sae_in = acts[name][:, self.first_position :].float()
             self.sae(name).decoder.bias.copy_(sae_in.mean(dim=(0, 1)))
+
+    def load_saes(self, state: dict[str, Tensor], source: str, freeze: bool = False) -> list[str]:
+        """Copy trained SAE weights into the SAEs at the positions `state` names.
+
+        Args:
+            state: `<hook-key>.encoder.0.weight` (n_dict, d_in), `.encoder.0.bias` (n_dict),
+                `.decoder.weight` (d_in, n_dict), `.decoder.bias` (d_in) per position, as from
+                `sparsify.checkpoint.load_sae_state`.
+            source: the file it came from, for error messages.
+            freeze: stop gradients to the loaded SAEs (the reference's `retrain_saes: false`).
+
+        Returns:
+            The hook names loaded.
+
+        Raises:
+            ConfigError: SAEs at positions this model has none at, missing tensors, or a
+                dictionary size that differs from `dict_size_to_input_ratio`.
+        """
+        by_key = {hook_to_key(name): name for name in self.sae_positions}
+        stored = sorted({k.split(".", 1)[0] for k in state})
+        unknown = [k for k in stored if k not in by_key]
+        if unknown:
+            raise ConfigError(
+                f"saes.pretrained_sae_paths: {source} has SAEs at {', '.join(unknown)}, not among "
+                f"saes.sae_positions ({', '.join(self.sae_positions)})"
+            )
+        loaded = []
+        for key in stored:
+            sae = self.saes[key]
+            own = sae.state_dict()
+            given = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == key}
+            if set(given) != set(own):
+                missing = sorted(set(own) - set(given))
+                raise ConfigError(f"saes.pretrained_sae_paths: {source}: {key} lacks {', '.join(missing)}")
+            n_dict, d_in = given["encoder.0.weight"].shape
+            if (n_dict, d_in) != (sae.n_dict, sae.d_in) or any(
+                value.shape != own[name].shape for name, value in given.items()
+            ):
+                raise ConfigError(
+                    f"saes.pretrained_sae_paths: {source}: {key} has a dictionary of {n_dict} x "
+                    f"d_in {d_in}, this config's SAE {sae.n_dict} x d_in {sae.d_in} "
+                    "(check saes.dict_size_to_input_ratio)"
+                )
+            sae.load_state_dict({k: v.to(own[k].dtype) for k, v in given.items()})
+            sae.requires_grad_(not freeze)
+            self.pretrained.add(by_key[key])
+            loaded.append(by_key[key])
+        return loaded
+
+    @classmethod
+    def from_local_path(cls, path: str | Path, device: str = "auto") -> SAETransformer:
+        """Load a trained run: the language model its config names, plus its SAEs.
+
+        Args:
+            path: one of our run folders (`config.yaml` + `sae.safetensors`), or a reference
+                run folder (`final_config.yaml` + `*.pt` checkpoints; the one with the most
+                samples is loaded, DESIGN.md §12).
+            device: `auto`, `cpu` or `cuda`.
+
+        Raises:
+            ConfigError: a folder that holds neither layout, or an unloadable model or SAE file.
+        """
+        from sparsify import checkpoint, compat
+        from sparsify.model_loading import load_tlens_model, resolve_device
+
+        path = Path(path)
+        if (path / checkpoint.CONFIG_FILE).is_file():
+            cfg = checkpoint.load_run_config(path)
+            tlens_model = load_tlens_model(cfg.model_name, resolve_device(device), cfg.model_dtype)
+            weights = path / checkpoint.SAE_WEIGHTS
+        elif (path / compat.REFERENCE_CONFIG_FILE).is_file():
+            cfg, tlens_model = compat.load_reference_config(path / compat.REFERENCE_CONFIG_FILE, device)
+            weights = compat.latest_checkpoint(path)
+        else:
+            raise ConfigError(
+                f"{path}: not a run folder (expected {checkpoint.CONFIG_FILE} + "
+                f"{checkpoint.SAE_WEIGHTS}, or the reference's {compat.REFERENCE_CONFIG_FILE} + *.pt)"
+            )
+        model = cls(
+            tlens_model,
+            cfg.saes.sae_positions,
+            cfg.saes.dict_size_to_input_ratio,
+            cfg.saes.skip_first_position,
+        )
+        model.load_saes(checkpoint.load_sae_state(weights), str(weights))
+        return model
 
     def apply_saes(self, acts: dict[str, Tensor]) -> ForwardOutput:
         """Every SAE on stored activations (batch, pos, d_in) of its position, e.g. from an

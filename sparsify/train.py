@@ -1,6 +1,7 @@
 """`python -m sparsify.train config.yaml`: train SAEs from one config file, no Ray needed.
 
-Writes the SAE weights (safetensors), the resolved config and the final metrics into the run
+A config in the reference e2e SAE library's format (`tlens_model_name` ...) is read as it is
+(`sparsify.compat`). Writes the SAE weights (safetensors), the resolved config and the final metrics into the run
 folder and prints the folder and the headline metrics. User mistakes print `error: ...` and
 exit 2 (`--debug` shows the traceback).
 """
@@ -12,7 +13,8 @@ import json
 import logging
 import sys
 
-from sparsify.config import load_config
+from sparsify.compat import is_reference_config, load_reference_config
+from sparsify.config import read_yaml, validate_config
 from sparsify.errors import DivergedError, SparsifyError
 from sparsify.redact import redact
 
@@ -24,13 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config)
+        raw = read_yaml(args.config)
         from sparsify.model_loading import quiet_library_progress_bars
         from sparsify.trainer import train
 
         quiet_library_progress_bars()
-
-        result = train(cfg)
+        if is_reference_config(raw):
+            cfg, tlens_model = load_reference_config(args.config)
+            result = train(cfg, tlens_model=tlens_model)
+        else:
+            result = train(validate_config(raw, args.config))
     except SparsifyError as exc:
         if args.debug:
             raise

@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from sparsify import metric_names as names
 from sparsify.activation_cache import activation_cache, wants_activation_cache
-from sparsify.checkpoint import save_run
+from sparsify.checkpoint import load_sae_state, save_run
 from sparsify.config import TrainConfig
 from sparsify.data import check_data_budget, iter_batches
 from sparsify.errors import ConfigError, DivergedError
-from sparsify.evaluation import LossPlan, batch_sae_metrics, evaluate, loss_terms, make_loss_plan
+from sparsify.evaluation import LossPlan, batch_sae_metrics, count_alive, evaluate, loss_terms, make_loss_plan
 from sparsify.losses import weighted_total
 from sparsify.model_loading import autocast_dtype, load_tlens_model, resolve_device
 from sparsify.sae_transformer import ForwardOutput, SAETransformer
@@ -73,11 +73,12 @@ def run_dir_for(cfg: TrainConfig) -> Path | None:
 
 
 def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransformer:
-    """Load the frozen language model (unless given) and add freshly initialized SAEs, seeded
-    by `cfg.seed`.
+    """Load the frozen language model (unless given) and add SAEs: freshly initialized (seeded
+    by `cfg.seed`), or loaded from `saes.pretrained_sae_paths` (frozen unless `retrain_saes`).
 
     Raises:
-        ConfigError: an unloadable model, or data n_ctx above the model's context.
+        ConfigError: an unloadable model or SAE file, data n_ctx above the model's context, or
+            nothing left to train.
         HookNameError: an SAE position the model does not have.
     """
     if tlens_model is None:
@@ -96,6 +97,7 @@ def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransfor
         cfg.saes.skip_first_position,
         autocast,
     )
+    _load_pretrained(model, cfg)
     for field_name in ("train_data", "eval_data"):
         data = getattr(cfg, field_name)
         if data is not None and data.n_ctx > model.n_ctx:
@@ -103,6 +105,20 @@ def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransfor
                 f"{field_name}.n_ctx: {data.n_ctx} exceeds the model's context of {model.n_ctx} tokens"
             )
     return model
+
+
+def _load_pretrained(model: SAETransformer, cfg: TrainConfig) -> None:
+    for path in cfg.saes.pretrained_sae_paths or []:
+        try:
+            state = load_sae_state(path)
+        except ConfigError as exc:
+            raise ConfigError(f"saes.pretrained_sae_paths: {exc}") from None
+        model.load_saes(state, path, freeze=not cfg.saes.retrain_saes)
+    if not any(p.requires_grad for p in model.saes.parameters()):
+        raise ConfigError(
+            "saes.retrain_saes: every SAE is pretrained and frozen, so nothing would train; "
+            "set retrain_saes: true or add an SAE position"
+        )
 
 
 def train(
@@ -129,7 +145,7 @@ def train(
     device = model.model_device
     is_main = rank == 0
     run_dir = run_dir_for(cfg) if is_main else None
-    optimizer = torch.optim.Adam(model.saes.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam([p for p in model.saes.parameters() if p.requires_grad], lr=cfg.lr)
     state = TrainState()
     n_ctx = cfg.train_data.n_ctx
     rank_batch_size = _per_rank(cfg.batch_size, world_size)
@@ -192,6 +208,9 @@ def train(
             eval_metrics = _prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size))
             tracker.log(eval_metrics, state.step)
             report(eval_metrics, None)
+        elif due.alive and cfg.eval_data is not None:  # eval counts them too
+            alive = _prefixed(names.EVAL, count_alive(model, cfg, tokenizer, rank, world_size))
+            tracker.log(alive, state.step)
         if due.save and run_dir is not None:
             save_run(run_dir, model.saes.state_dict(), cfg, {})
     progress.close()
@@ -302,6 +321,8 @@ class Due:
     log: bool
     eval: bool
     save: bool
+    alive: bool
+    """Count alive dictionary elements (`collect_act_frequency_every_n_samples`)."""
 
 
 def _crossed(every: int | None, before: int, after: int) -> bool:
@@ -315,6 +336,7 @@ def _due(cfg: TrainConfig, state: TrainState) -> Due:
         log=state.step % cfg.log_every_n_grad_steps == 0 and not last,
         eval=_crossed(cfg.eval_every_n_samples, before, state.samples_seen) and not last,
         save=_crossed(cfg.save_every_n_samples, before, state.samples_seen) and not last,
+        alive=_crossed(cfg.collect_act_frequency_every_n_samples, before, state.samples_seen) and not last,
     )
 
 
