@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-all check format clean-sweeps bench-venv bench
+.PHONY: install quickstart test test-all check type format pre-commit clean-sweeps bench-venv bench
 
 install: $(STAMP)
 
@@ -38,10 +38,17 @@ bench-venv:  ## the reference e2e-sae 2.1.1 in its own venv (it needs transforme
 bench: install  ## step benchmark on CPU: ours vs the reference (make bench-venv first)
 	$(BIN)/python -m bench.run --case smollm2-cpu --ref-python $(REF_VENV)/bin/python
 
-check: install
+check: install  ## lint, format check and type check (what CI and pre-commit expect)
 	$(BIN)/ruff check sparsify sweep tests bench
 	$(BIN)/ruff format --check sparsify sweep tests bench
+	$(BIN)/pyright
 
-format: install
+type: install  ## pyright on sparsify, sweep and bench (settings in pyproject.toml)
+	$(BIN)/pyright
+
+format: install  ## rewrite files in place: ruff format, then ruff's safe fixes
 	$(BIN)/ruff format sparsify sweep tests bench
 	$(BIN)/ruff check --fix sparsify sweep tests bench
+
+pre-commit: install  ## run the git hooks of .pre-commit-config.yaml on every commit
+	$(BIN)/pre-commit install --hook-type pre-commit --hook-type pre-push

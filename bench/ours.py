@@ -83,7 +83,8 @@ def random_model(case: Case, device: torch.device) -> Any:
             intermediate_size=shape.d_mlp, vocab_size=shape.d_vocab, max_position_embeddings=shape.n_ctx,
         )  # fmt: skip
         hf_model = LlamaForCausalLM(config)
-    return bridge_from_hf(hf_model.to(device).eval(), placeholder_tokenizer(), f"random-{shape.arch}", device)
+    hf_model.to(device)  # type: ignore[arg-type]  # nn.Module.to; transformers' stubs say otherwise
+    return bridge_from_hf(hf_model.eval(), placeholder_tokenizer(), f"random-{shape.arch}", device)
 
 
 def placeholder_tokenizer() -> Any:
@@ -145,7 +146,7 @@ def time_arm(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES), required=True)
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS), default=["float32"])

@@ -1,7 +1,8 @@
 """sparsify: train local, end-to-end and e2e+downstream SAEs on TransformerLens models.
 
 The public API, re-exported lazily so that torch-free modules (`sparsify.metric_names`) can be
-imported without importing torch.
+imported without importing torch. `train` itself is `sparsify.trainer.train`: `sparsify.train` is
+the command-line module, which would shadow an attribute of that name once imported.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ _EXPORTS = {
     "EMBEDDED_MODEL_NAME": "sparsify.config",
     "SAE": "sparsify.sae",
     "SAETransformer": "sparsify.sae_transformer",
-    "train": "sparsify.trainer",
     "TrainResult": "sparsify.trainer",
     "build_model": "sparsify.trainer",
     "run_dir_for": "sparsify.trainer",
     "load_tlens_model": "sparsify.model_loading",
     "quiet_library_progress_bars": "sparsify.model_loading",
     "prepare": "sparsify.prefetch",
+    "load_env_file": "sparsify.tracking",
+    "ENV_FILE": "sparsify.tracking",
     "load_tokenizer": "sparsify.model_loading",
     "SparsifyError": "sparsify.errors",
     "ConfigError": "sparsify.errors",
@@ -36,7 +38,7 @@ _EXPORTS = {
     "DivergedError": "sparsify.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # pyright: ignore[reportUnsupportedDunderAll]
 
 
 def __getattr__(name: str) -> Any:

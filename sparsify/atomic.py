@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write_with(path: Path, writer: Callable[[str], None]) -> None:
+def atomic_write_with(path: Path, writer: Callable[[str], object]) -> None:
     """Call `writer(tmp_path)` to write a temp file, then move it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # the suffix keeps writers that look at extensions (torch.save's zip writer) happy

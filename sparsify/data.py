@@ -172,6 +172,7 @@ def local_token_stream(data: DataConfig, tokenizer: Any) -> Int[Tensor, " n_toke
 def _hub_sequences(data: DataConfig, tokenizer: Any) -> Iterator[list[int]]:
     import datasets
 
+    assert data.dataset_name is not None
     try:
         docs = datasets.load_dataset(data.dataset_name, split=data.split, streaming=data.streaming)
     except Exception as exc:  # no network, unknown name, unknown split
@@ -179,13 +180,15 @@ def _hub_sequences(data: DataConfig, tokenizer: Any) -> Iterator[list[int]]:
             f"dataset_name: cannot load {data.dataset_name!r} split {data.split!r}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
         ) from None
-    docs = (
-        docs.shuffle(seed=data.seed, buffer_size=SHUFFLE_BUFFER)
-        if data.streaming
-        else docs.shuffle(seed=data.seed)
-    )
+    if isinstance(docs, datasets.IterableDataset):  # streaming
+        docs = docs.shuffle(seed=data.seed, buffer_size=SHUFFLE_BUFFER)
+    elif isinstance(docs, datasets.Dataset):
+        docs = docs.shuffle(seed=data.seed)
+    else:
+        raise DataError(f"dataset_name: {data.dataset_name!r} split {data.split!r} is not one dataset")
     buffer: list[int] = []
-    for row in docs:
+    row: dict[str, Any]
+    for row in docs:  # type: ignore[assignment]  # rows are dicts
         value = row[data.column]
         if data.is_tokenized:
             buffer.extend(value)

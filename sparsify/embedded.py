@@ -69,7 +69,7 @@ def embedded_model_dir() -> Path:
     config = gguf_model.config
     # a model loaded from GGUF refuses save_pretrained; rebuild it as a plain float32 model
     if hasattr(config, "quantization_config"):
-        del config.quantization_config
+        delattr(config, "quantization_config")
     model = type(gguf_model)(config)
     model.load_state_dict(gguf_model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -137,6 +137,7 @@ def loss_terms(
         ]
         terms["in_to_orig"] = torch.stack(per_hook).mean() if per_hook else zero
     if loss.logits_kl is not None and raw is not None:
+        assert raw.logits is not None and out.logits is not None  # the plan runs to the logits
         terms["logits_kl"] = logits_kl_loss(raw.logits[:, first:], out.logits[:, first:])
     return terms, out
 
@@ -255,6 +256,7 @@ def evaluate(
         values = {names.loss_term(k): v.item() for k, v in terms.items()}
         values.update(batch_sae_metrics(out))
         values.update(downstream_metrics(eval_plan, out, raw))
+        assert raw.logits is not None and out.logits is not None  # eval runs to the logits
         values.update(logit_metrics(tokens, raw.logits, out.logits, plan.first_position))
         acc.add(values, weight=tokens.shape[0])
     result = acc.means()

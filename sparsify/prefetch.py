@@ -33,10 +33,12 @@ def prepare(cfg: TrainConfig, tlens_model: Any | None = None) -> Any:
     from sparsify.model_loading import load_tlens_model
     from sparsify.trainer import build_model
 
-    if tlens_model is None:
-        # CPU: the sweep driver may run on a head node without a GPU
-        tlens_model = load_tlens_model(cfg.model_name, torch.device("cpu"), cfg.model_dtype)
-    model = build_model(cfg, tlens_model)
+    # CPU: the sweep driver may run on a head node without a GPU
+    if tlens_model is not None:
+        loaded = tlens_model
+    else:
+        loaded = load_tlens_model(cfg.model_name, torch.device("cpu"), cfg.model_dtype)
+    model = build_model(cfg, loaded)
     make_loss_plan(model, cfg.loss)
-    check_data_budget(cfg, tlens_model.tokenizer)
-    return tlens_model
+    check_data_budget(cfg, loaded.tokenizer)
+    return loaded

@@ -11,6 +11,26 @@ from sparsify.errors import ConfigError, MissingPackageError
 
 logger = logging.getLogger(__name__)
 
+ENV_FILE = ".env"
+"""W&B credentials (`WANDB_API_KEY`, `WANDB_ENTITY`) live here, next to the configs; see
+`.env.example`. Git ignores it."""
+
+
+def load_env_file(path: str | Path = ENV_FILE) -> bool:
+    """Read `KEY=value` lines of a `.env` file into the environment, without overriding
+    variables already set (python-dotenv). Values are never logged.
+
+    Returns:
+        Whether the file existed.
+    """
+    from dotenv import load_dotenv
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    load_dotenv(path, override=False)
+    return True
+
 
 class Tracker:
     """Null tracker: the loop calls `log` and `close` without asking what is on."""

@@ -17,14 +17,18 @@ from sparsify.compat import is_reference_config, load_reference_config
 from sparsify.config import read_yaml, validate_config
 from sparsify.errors import DivergedError, SparsifyError
 from sparsify.redact import redact
+from sparsify.tracking import load_env_file
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparsify.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sparsify.train", description=(__doc__ or "").splitlines()[0]
+    )
     parser.add_argument("config", help="training config YAML")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    load_env_file()  # W&B credentials, if a .env is here
     try:
         raw = read_yaml(args.config)
         from sparsify.model_loading import quiet_library_progress_bars

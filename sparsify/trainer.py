@@ -83,6 +83,7 @@ def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransfor
     """
     if tlens_model is None:
         tlens_model = load_tlens_model(cfg.model_name, resolve_device(cfg.device), cfg.model_dtype)
+    assert tlens_model is not None
     torch.manual_seed(cfg.seed)
     device = next(tlens_model.parameters()).device
     autocast = autocast_dtype(cfg.autocast, device)
@@ -372,6 +373,7 @@ def optimizer_step(
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         for p in params:
+            assert p.grad is not None
             dist.all_reduce(p.grad)
             p.grad /= world
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf

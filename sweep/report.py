@@ -224,7 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success; 2 after printing a one-line `error: ...` to stderr.
     """
-    parser = argparse.ArgumentParser(prog="python -m sweep.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sweep.report", description=(__doc__ or "").splitlines()[0]
+    )
     parser.add_argument("sweep_dir", type=Path, help="the sweep's folder (holding trials/)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

@@ -21,6 +21,7 @@ from typing import Any
 from sparsify.atomic import atomic_write_text
 from sparsify.errors import MissingPackageError, SparsifyError
 from sparsify.redact import redact
+from sparsify.tracking import load_env_file
 from sweep.space import Distribution, LoadedSpace, load_search_space
 
 logger = logging.getLogger(__name__)
@@ -59,12 +60,13 @@ def to_tune(dist: Distribution) -> Any:
     """A search-space distribution as a Ray Tune sampler (OptunaSearch converts it)."""
     from ray import tune
 
-    if dist.type == "loguniform":
-        return tune.loguniform(dist.low, dist.high)
-    if dist.type == "uniform":
-        return tune.uniform(dist.low, dist.high)
-    if dist.type == "int":
-        return tune.randint(int(dist.low), int(dist.high) + 1)  # type: ignore[arg-type]
+    if dist.type in ("loguniform", "uniform", "int"):
+        assert dist.low is not None and dist.high is not None  # the schema requires them
+        if dist.type == "loguniform":
+            return tune.loguniform(dist.low, dist.high)
+        if dist.type == "uniform":
+            return tune.uniform(dist.low, dist.high)
+        return tune.randint(int(dist.low), int(dist.high) + 1)
     return tune.choice(list(dist.values or []))
 
 
@@ -179,7 +181,9 @@ def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: 
         return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     journal = sweep_dir / "optuna" / f"{arm_name}.journal"
     journal.parent.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
     study = optuna.create_study(
         storage=storage,
         study_name=arm_name,
@@ -308,7 +312,7 @@ def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sweep.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sweep.run", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("search_space", help="search-space YAML (see search_spaces/)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the trials; train nothing")
     parser.add_argument("--num-samples", type=int, help="trials per arm (overrides the file)")
@@ -321,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    load_env_file()  # W&B credentials, if a .env is here (before Ray starts: workers inherit them)
     try:
         loaded = load_search_space(args.search_space)
         num_samples = loaded.space.num_samples if args.num_samples is None else args.num_samples

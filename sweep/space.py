@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparsify import metric_names as names
-from sparsify.config import SAFE_NAME, SEED_RANGE, TrainConfig, read_yaml, validate_config, validate_model
+from sparsify.config import SAFE_NAME, Seed, TrainConfig, read_yaml, validate_config, validate_model
 from sparsify.errors import ConfigError
 
 PRODUCED_EVAL_METRICS = (
@@ -154,7 +154,7 @@ class SearchSpace(StrictModel):
     max_concurrent_trials: int = Field(default=1, ge=1)
     storage_path: str = "sweeps"
     """Local folder (relative to the working directory) or cloud URI for results."""
-    seed: int = Field(default=0, **SEED_RANGE)
+    seed: Seed = 0
     """Seeds the Optuna samplers."""
     sampler: Literal["tpe", "nsga2", "qmc", "random"] = "tpe"
     """Optuna sampler of every arm's study: `tpe` (multi-objective TPE; its first 10 trials are

@@ -24,8 +24,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 
-from sparsify import TrainConfig, quiet_library_progress_bars, train
+from sparsify import ENV_FILE, TrainConfig, load_env_file, quiet_library_progress_bars
 from sparsify.redact import redact
+from sparsify.trainer import train
 from sweep.results import write_trial_record
 from sweep.space import LoadedSpace
 
@@ -56,6 +57,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if config.get("num_threads"):
         torch.set_num_threads(int(config["num_threads"]))
     quiet_library_progress_bars()
+    load_env_file(config["env_file"])  # on a cluster node started by `ray start`, not our shell
     cfg = TrainConfig.model_validate(config["train_config"])
 
     def report(metrics: dict[str, float], run_dir: Path | None) -> None:
@@ -95,6 +97,7 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
         train_loop_config={
             "train_config": cfg.model_dump(mode="json"),
             "num_threads": max(1, int(resources.cpus_per_worker)),
+            "env_file": str(Path.cwd() / ENV_FILE),  # the path only: secrets stay out of Ray's files
         },
         torch_config=TorchConfig(backend="nccl" if resources.gpus_per_worker else "gloo", timeout_s=600),
         scaling_config=ScalingConfig(
@@ -134,7 +137,7 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
         )
         tune.report({**nan_objectives, "status": STATUS_DIVERGED})
         return
-    metrics = {k: v for k, v in result.metrics.items() if "/" in k}
+    metrics = {k: v for k, v in (result.metrics or {}).items() if "/" in k}
     write_trial_record(
         sweep_dir,
         {**record, "status": STATUS_FINISHED, "metrics": metrics, "wall_time_s": time.perf_counter() - start},
