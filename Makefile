@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-all check type format pre-commit clean-sweeps bench-venv bench
+.PHONY: install quickstart test test-all check type format pre-commit saelens-venv bench-venv bench
 
 install: $(STAMP)
 
@@ -21,11 +21,20 @@ $(STAMP): pyproject.toml
 quickstart: install  ## the main job: local vs e2e SAE sweep on the embedded model and text
 	$(BIN)/python -m sweep.run search_spaces/quickstart.yaml
 
-test: install  ## fast tests (tiny random models; no network)
-	$(BIN)/python -m pytest -q
+SAELENS_VENV ?= .venv-saelens
+saelens-venv: $(SAELENS_VENV)/.installed  ## sae-lens for the SAELens export test (it needs transformer-lens < 4)
 
-test-all: install  ## also the slow tests on the real embedded model
-	$(BIN)/python -m pytest -q -m ""
+$(SAELENS_VENV)/.installed: $(STAMP)
+	$(BIN)/python -m venv $(SAELENS_VENV)
+	# only sae-lens and what .venv lacks; the test appends .venv's site-packages (torch, transformers, ...) after these
+	$(SAELENS_VENV)/bin/pip install -q --no-deps sae-lens==6.54.12 transformer-lens==3.9.0 better-abc==0.0.3 simple-parsing==0.1.9 docstring-parser==0.18.0
+	touch $@
+
+test: install saelens-venv  ## fast tests (tiny random models; no network)
+	SPARSIFY_SAELENS_PYTHON=$(SAELENS_VENV)/bin/python $(BIN)/python -m pytest -q
+
+test-all: install saelens-venv  ## also the slow tests on the real embedded model
+	SPARSIFY_SAELENS_PYTHON=$(SAELENS_VENV)/bin/python $(BIN)/python -m pytest -q -m ""
 
 REF_VENV ?= .venv-ref
 bench-venv:  ## the reference e2e-sae 2.1.1 in its own venv (it needs transformer-lens < 4)

@@ -28,6 +28,7 @@ _EXPORTS = {
     "quiet_library_progress_bars": "sparsify.model_loading",
     "prepare": "sparsify.prefetch",
     "load_env_file": "sparsify.tracking",
+    "export_saelens": "sparsify.export",
     "ENV_FILE": "sparsify.tracking",
     "load_tokenizer": "sparsify.model_loading",
     "SparsifyError": "sparsify.errors",

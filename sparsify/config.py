@@ -30,7 +30,6 @@ class StrictModel(BaseModel):
 
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
 """A seed every generator (numpy, Optuna) accepts."""
-SEED_RANGE = {"ge": 0, "lt": 2**32}
 SAFE_NAME = r"^[A-Za-z0-9_+=,-][A-Za-z0-9_.+=,-]*$"
 """A folder name that stays inside its parent: no '/', no leading '.' (so no '..')."""
 

@@ -286,7 +286,7 @@ def load_mlp_config(path: str | Path) -> MLPConfig:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sparsify.models.mlp", description=__doc__.splitlines()[0]
+        prog="python -m sparsify.models.mlp", description=(__doc__ or "").splitlines()[0]
     )
     parser.add_argument("config", help="MLP config YAML")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

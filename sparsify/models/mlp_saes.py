@@ -268,7 +268,7 @@ def load_config(path: str | Path) -> MLPSAEsConfig:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sparsify.models.mlp_saes", description=__doc__.splitlines()[0]
+        prog="python -m sparsify.models.mlp_saes", description=(__doc__ or "").splitlines()[0]
     )
     parser.add_argument("config", help="MLP-SAE config YAML")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
