@@ -88,9 +88,9 @@ def load_digits_split(split_seed: int, test_fraction: float) -> DigitsSplit:
         from sklearn.model_selection import train_test_split
     except ImportError:
         raise MissingPackageError("the digits MLP needs scikit-learn: pip install scikit-learn") from None
-    digits = load_digits()
+    images, labels = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
-        digits.data, digits.target, test_size=test_fraction, random_state=split_seed, stratify=digits.target
+        images, labels, test_size=test_fraction, random_state=split_seed, stratify=labels
     )
 
     def as_x(a):
@@ -142,7 +142,9 @@ class MLP(nn.Module):
 
     def width(self, name: str) -> int:
         """Width of the hidden activation `name`."""
-        return self.layers[self.hidden_names.index(name)].out_features
+        layer = self.layers[self.hidden_names.index(name)]
+        assert isinstance(layer, nn.Linear)
+        return layer.out_features
 
     def run(
         self,

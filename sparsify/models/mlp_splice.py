@@ -55,7 +55,7 @@ class MLPWithSAEs(nn.Module):
         self.saes = nn.ModuleDict(saes)
 
     def sae(self, name: str) -> SAE:
-        return self.saes[hook_to_key(name)]
+        return self.saes[hook_to_key(name)]  # type: ignore[return-value]
 
     @torch.no_grad()
     def forward_raw(self, x: Float[Tensor, "batch d_in"]) -> MLPRun:
