@@ -1,17 +1,27 @@
 """Run folders and checkpoints: SAE weights (safetensors) + resolved config + metrics, written
-atomically (temp file in the same folder, then `os.replace`)."""
+atomically (temp file in the same folder, then `os.replace`).
+
+A resume checkpoint (`save_checkpoint`, `load_checkpoint`) adds what a run needs to continue
+exactly where it stopped: Adam's tensors (safetensors) and the trainer's state (JSON: step,
+samples seen, the open log window, Adam's scalars). Nothing is pickled."""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sparsify.atomic import atomic_write_text, atomic_write_with
+from sparsify.atomic import atomic_write_text, atomic_write_with, current_umask
 from sparsify.config import TrainConfig, config_to_yaml, load_config
 from sparsify.errors import ConfigError
 
@@ -87,3 +97,195 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
         ConfigError: no config.yaml, or one that no longer validates.
     """
     return load_config(Path(run_dir) / CONFIG_FILE)
+
+
+# --- resume checkpoints (DESIGN.md §11: a trial's work is never lost) -------------------------
+
+CHECKPOINTS_DIR = "checkpoints"
+"""Sub-folder of a run folder holding its latest mid-run checkpoint (removed when the run ends)."""
+OPTIMIZER_WEIGHTS = "optimizer.safetensors"
+TRAIN_STATE_FILE = "train_state.json"
+"""Step, samples seen, world size, the open log window and the optimizer's non-tensor state.
+In a run folder it marks a finished run: written last, after the final weights and metrics."""
+CHECKPOINT_FORMAT = 1
+RESUME_FREE_FIELDS = ("save_dir", "run_name", "device", "tensorboard", "wandb_project")
+"""Config fields a resumed run may change: where it writes and logs, and the device."""
+
+
+def step_checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """The one place a mid-run checkpoint's path is built: `<run_dir>/checkpoints/step_<step>`."""
+    return run_dir / CHECKPOINTS_DIR / f"step_{step:09d}"
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """Everything a run needs to continue where a checkpoint left it (`load_checkpoint`)."""
+
+    folder: Path
+    config: TrainConfig
+    sae_state: dict[str, torch.Tensor]
+    train_state: dict[str, Any]
+    """JSON part: `step`, `samples_seen`, `world_size`, `lr`, `window` (see the trainer)."""
+    optimizer_state: dict[str, Any] | None
+    """A torch optimizer `state_dict()`; None in a finished run's final state."""
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    sae_state: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    train_state: dict[str, Any],
+    optimizer_state: dict[str, Any],
+) -> Path:
+    """Write a mid-run checkpoint and delete the older ones of the run.
+
+    The folder is written under a dot-named temp name and renamed into place, so a crash leaves
+    either a whole checkpoint or none (plus a dot-named leftover the next save removes). It holds
+    `sae.safetensors`, `config.yaml`, `optimizer.safetensors` (Adam's tensors, keyed
+    `<param index>.<name>`) and `train_state.json` (the rest, JSON; nothing is pickled).
+
+    Args:
+        run_dir: the run folder (`sparsify.trainer.run_dir_for`).
+        step: optimizer steps done.
+        sae_state: the SAEs' state dict.
+        cfg: the run's config.
+        train_state: JSON-able trainer state (step, samples seen, log window, ...).
+        optimizer_state: `optimizer.state_dict()`.
+
+    Returns:
+        The checkpoint folder, `step_checkpoint_dir(run_dir, step)`.
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    final = step_checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; checkpoints are for sharing
+        tensors, optimizer_json = _split_optimizer_state(optimizer_state)
+        atomic_write_with(tmp / OPTIMIZER_WEIGHTS, lambda path: save_file(tensors, path))
+        _write_state_files(tmp, sae_state, cfg, {**train_state, "optimizer": optimizer_json})
+        if final.exists():  # left by an attempt that crashed before its checkpoint was registered
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in final.parent.iterdir():
+        if old != final and old.name.startswith(("step_", ".step_")):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_final_state(run_dir: Path, train_state: dict[str, Any]) -> None:
+    """Mark a run folder finished: write its `train_state.json` (after `save_run` wrote the final
+    weights, config and metrics), then delete its mid-run checkpoints. The run folder is then
+    itself a checkpoint that resumes with nothing left to train (no optimizer state)."""
+    state = {"format": CHECKPOINT_FORMAT, **train_state, "optimizer": None}
+    atomic_write_text(run_dir / TRAIN_STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
+    shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+
+
+def clear_final_state(run_dir: Path) -> None:
+    """Unmark a run folder as finished, before a run overwrites its weights mid-run (so its
+    `train_state.json` never describes other weights than those beside it)."""
+    (run_dir / TRAIN_STATE_FILE).unlink(missing_ok=True)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder `path` names: a checkpoint folder itself (it has a
+    `train_state.json`: a mid-run checkpoint, a finished run folder, or Ray's copy of either),
+    or a run folder, whose latest mid-run checkpoint is taken.
+
+    Raises:
+        ConfigError: no checkpoint there.
+    """
+    path = Path(path)
+    if (path / TRAIN_STATE_FILE).is_file():
+        return path
+    steps = sorted((path / CHECKPOINTS_DIR).glob("step_*")) if path.is_dir() else []
+    if steps:
+        return steps[-1]
+    raise ConfigError(
+        f"resume_from: {path} holds no checkpoint (no {TRAIN_STATE_FILE}, nothing in {CHECKPOINTS_DIR}/); "
+        "set save_every_n_samples to write checkpoints during training"
+    )
+
+
+def load_checkpoint(path: str | Path, cfg: TrainConfig) -> ResumeState:
+    """Read the checkpoint `path` names (`find_checkpoint`) and check it belongs to `cfg`.
+
+    Raises:
+        ConfigError: no checkpoint, an unreadable one, or one written with another config
+            (fields other than `RESUME_FREE_FIELDS` differ; the message names them).
+    """
+    folder = find_checkpoint(path)
+    try:
+        train_state = json.loads((folder / TRAIN_STATE_FILE).read_text())
+        if train_state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {train_state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        sae_state = load_file(str(folder / SAE_WEIGHTS))
+        optimizer_state = None
+        if train_state["optimizer"] is not None:
+            tensors = load_file(str(folder / OPTIMIZER_WEIGHTS))
+            optimizer_state = _join_optimizer_state(tensors, train_state["optimizer"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:  # JSONDecodeError: ValueError
+        raise ConfigError(f"resume_from: {folder}: not a readable checkpoint ({exc})") from None
+    saved_cfg = load_run_config(folder)
+    changed = _changed_fields(saved_cfg.model_dump(mode="json"), cfg.model_dump(mode="json"))
+    changed = [path for path in changed if path.split(".")[0] not in RESUME_FREE_FIELDS]
+    if changed:
+        raise ConfigError(
+            f"resume_from: {folder} was trained with another config ({', '.join(changed)} differ); "
+            "resume with the config it was written with"
+        )
+    return ResumeState(folder, saved_cfg, sae_state, train_state, optimizer_state)
+
+
+def _write_state_files(
+    folder: Path, sae_state: dict[str, torch.Tensor], cfg: TrainConfig, train_state: dict[str, Any]
+) -> None:
+    save_sae_weights(folder / SAE_WEIGHTS, sae_state)
+    atomic_write_text(folder / CONFIG_FILE, config_to_yaml(cfg))
+    state = {"format": CHECKPOINT_FORMAT, **train_state}
+    atomic_write_text(folder / TRAIN_STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
+
+
+def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A torch optimizer state dict as (tensors keyed `<param index>.<name>`, the JSON rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, per_param in state_dict["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `_split_optimizer_state` (JSON lists back to tuples, as torch wrote them)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+        for group in rest["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+def _changed_fields(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON config trees differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        changed = []
+        for key in sorted(set(saved) | set(current)):
+            changed += _changed_fields(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return changed
+    return [] if saved == current else [prefix.rstrip(".")]

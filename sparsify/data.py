@@ -229,6 +229,12 @@ def count_local_sequences(data: DataConfig, tokenizer: Any) -> int | None:
     return local_token_stream(data, tokenizer).numel() // data.n_ctx
 
 
+def shard_size(n: int, rank: int, world_size: int) -> int:
+    """How many of `n` sequences rank `rank` reads when they are dealt out round-robin
+    (`iter_sequences`): the ranks' shards are disjoint and together hold exactly `n`."""
+    return len(range(rank, n, world_size))
+
+
 def iter_batches(
     data: DataConfig,
     tokenizer: Any,
@@ -244,11 +250,13 @@ def iter_batches(
         DataError: if the data holds fewer than `n_samples` sequences (names `field`).
     """
     available = count_local_sequences(data, tokenizer)
-    if available is not None and available // world_size < n_samples:
+    if available is not None and shard_size(available, rank, world_size) < n_samples:
         raise DataError(
             f"{field}: the data has {available} sequences of {data.n_ctx} tokens "
             f"({available * data.n_ctx} tokens); the run needs {n_samples * world_size}"
         )
+    if n_samples <= 0:
+        return
     batch: list[Tensor] = []
     taken = 0
     for seq in iter_sequences(data, tokenizer, rank, world_size):

@@ -16,7 +16,7 @@ from torch import Tensor
 from sparsify import metric_names as names
 from sparsify import metrics
 from sparsify.config import LATER_RESID_PRE, LossConfig, TrainConfig
-from sparsify.data import iter_batches
+from sparsify.data import iter_batches, shard_size
 from sparsify.errors import HookNameError
 from sparsify.hooks import block_index, check_hook_names, later_resid_pre_hooks
 from sparsify.losses import logits_kl_loss, mse_loss, sparsity_loss
@@ -245,7 +245,9 @@ def evaluate(
         cfg.eval_data,
         tokenizer,
         max(1, cfg.batch_size // world_size),
-        cfg.eval_n_samples // world_size or 1,
+        # rank r reads sequences r, r + world_size, ...: together exactly the first eval_n_samples
+        # (at least 1 each, so every rank has the same metric keys to all-reduce)
+        max(1, shard_size(cfg.eval_n_samples, rank, world_size)),
         "eval_n_samples",
         rank,
         world_size,
@@ -272,7 +274,7 @@ def count_alive(
     `act_frequency_n_tokens` eval tokens, and their sum over positions."""
     assert cfg.eval_data is not None
     n_ctx = cfg.eval_data.n_ctx
-    n_seqs = max(1, math.ceil(cfg.act_frequency_n_tokens / n_ctx / world_size))
+    n_seqs = shard_size(math.ceil(cfg.act_frequency_n_tokens / n_ctx), rank, world_size)
     stop = model.stop_layer_for(model.sae_positions)
     counters = {
         h: metrics.FiringCounter(model.sae(h).n_dict, model.model_device) for h in model.sae_positions

@@ -17,11 +17,27 @@ from tqdm.auto import tqdm
 
 from sparsify import metric_names as names
 from sparsify.activation_cache import activation_cache, wants_activation_cache
-from sparsify.checkpoint import load_sae_state, save_run
+from sparsify.checkpoint import (
+    ResumeState,
+    clear_final_state,
+    load_checkpoint,
+    load_sae_state,
+    save_checkpoint,
+    save_final_state,
+    save_run,
+)
 from sparsify.config import TrainConfig
 from sparsify.data import check_data_budget, iter_batches
 from sparsify.errors import ConfigError, DivergedError
-from sparsify.evaluation import LossPlan, batch_sae_metrics, count_alive, evaluate, loss_terms, make_loss_plan
+from sparsify.evaluation import (
+    LossPlan,
+    MeanAccumulator,
+    batch_sae_metrics,
+    count_alive,
+    evaluate,
+    loss_terms,
+    make_loss_plan,
+)
 from sparsify.losses import weighted_total
 from sparsify.model_loading import autocast_dtype, load_tlens_model, resolve_device
 from sparsify.sae_transformer import ForwardOutput, SAETransformer
@@ -31,11 +47,13 @@ from sparsify.tracking import Tracker, make_tracker
 logger = logging.getLogger(__name__)
 
 ReportFn = Callable[[dict[str, float], "Path | None"], None]
-"""`report(metrics, run_dir_or_None)`: called on every rank after each eval (same count on
-every rank); `run_dir` is given when a checkpoint was just written there."""
+"""`report(metrics, checkpoint_or_None)`: called on every rank after each eval, each checkpoint
+save and at the end (same count on every rank; `metrics` is empty at a save without eval). On
+rank 0, `checkpoint` is the folder of a checkpoint just written (`sparsify.checkpoint`): a
+mid-run one, or at the end the run folder, which is then itself a (finished) checkpoint."""
 
 
-def _no_report(metrics: dict[str, float], run_dir: Path | None) -> None:
+def _no_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
     pass
 
 
@@ -129,15 +147,27 @@ def train(
     rank: int = 0,
     world_size: int = 1,
     show_progress: bool = True,
+    resume_from: str | Path | None = None,
 ) -> TrainResult:
     """Train the SAEs of `cfg` on its data; eval and save at the end (DESIGN.md §4-5).
 
     With `torch.distributed` initialized, gradients are averaged over ranks, each rank reads a
-    disjoint shard of the data (so `batch_size` is per rank), and eval metrics are all-reduced;
-    rank 0 logs and saves.
+    disjoint shard of the data (`batch_size` is global: each rank's micro-batch holds
+    batch_size / world_size sequences, so a step sees the same sequences as on 1 rank), and
+    train and eval metrics are all-reduced; rank 0 logs and saves. Every `save_every_n_samples`
+    rank 0 writes a resume checkpoint (`<run folder>/checkpoints/step_N`; only the latest is
+    kept, and none once the run ends).
+
+    Args:
+        resume_from: a checkpoint folder, or a run folder (its latest checkpoint), to continue
+            from: SAE weights, Adam state, step, samples seen, the lr schedule's position and
+            the data stream's (the sequences already trained on are skipped; their order is a
+            function of the data seed). The result equals an uninterrupted run's.
 
     Raises:
-        ConfigError, DataError, HookNameError: user mistakes (one line each).
+        ConfigError, DataError, HookNameError: user mistakes (one line each); for
+            `resume_from`: no checkpoint there, or one written with another config or number
+            of DDP ranks.
         DivergedError: a NaN/inf loss, naming the step and term.
     """
     model = build_model(cfg, tlens_model)
@@ -148,6 +178,10 @@ def train(
     run_dir = run_dir_for(cfg) if is_main else None
     optimizer = torch.optim.Adam([p for p in model.saes.parameters() if p.requires_grad], lr=cfg.lr)
     state = TrainState()
+    window = TrainWindow()
+    resumed = resume_from is not None
+    if resume_from is not None:
+        _resume(load_checkpoint(resume_from, cfg), model, optimizer, state, window, cfg, world_size)
     n_ctx = cfg.train_data.n_ctx
     rank_batch_size = _per_rank(cfg.batch_size, world_size)
     check_data_budget(cfg, tokenizer, world_size)
@@ -163,7 +197,7 @@ def train(
     if wants_activation_cache(cfg, model, n_used // world_size):
         cached = activation_cache(model, cfg, batches, rank).batches(rank_batch_size)
         batches = iter(())  # the cache replaces the token stream
-    if cfg.saes.decoder_bias_init == "data_mean":
+    if cfg.saes.decoder_bias_init == "data_mean" and not resumed:
         if cached is not None:
             first_acts = next(cached)
             _init_decoder_bias(model, acts=first_acts)
@@ -172,11 +206,12 @@ def train(
             first = next(batches)
             _init_decoder_bias(model, tokens=first.to(device))
             batches = itertools.chain([first], batches)
-    steps: Iterator[Any] = cached if cached is not None else batches
-    progress = tqdm(total=n_used * n_ctx, unit="tok", unit_scale=True, desc="train",
-                    disable=not (is_main and show_progress), dynamic_ncols=True)  # fmt: skip
-    window = TrainWindow()
-    for micro_step, batch in enumerate(steps):
+    # micro-batches this rank trained on before the checkpoint: skipped, so the stream continues
+    done = state.step * cfg.grad_accum_steps
+    steps: Iterator[Any] = itertools.islice(cached if cached is not None else batches, done, None)
+    progress = tqdm(total=n_used * n_ctx, initial=state.tokens_seen(n_ctx), unit="tok", unit_scale=True,
+                    desc="train", disable=not (is_main and show_progress), dynamic_ncols=True)  # fmt: skip
+    for micro_step, batch in enumerate(steps, start=done):
         if cached is not None:
             terms, total, out = forward_backward(model, None, plan, cfg, state.step, cached_acts=batch)
             shape = next(iter(batch.values())).shape
@@ -205,17 +240,24 @@ def train(
                 tok_s=f"{train_metrics[names.prefixed(names.TRAIN, names.TOKENS_PER_S)]:.0f}",
             )
         del out
+        eval_metrics: dict[str, float] | None = None
         if due.eval and cfg.eval_data is not None:
             eval_metrics = _prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size))
             tracker.log(eval_metrics, state.step)
-            report(eval_metrics, None)
         elif due.alive and cfg.eval_data is not None:  # eval counts them too
             alive = _prefixed(names.EVAL, count_alive(model, cfg, tokenizer, rank, world_size))
             tracker.log(alive, state.step)
-        if due.save and run_dir is not None:
-            save_run(run_dir, model.saes.state_dict(), cfg, {})
+        checkpoint = None
+        if due.save and cfg.save_dir is not None:
+            json_state = _train_state_json(state, window, optimizer, world_size)  # every rank: collective
+            if run_dir is not None:
+                checkpoint = _save_checkpoint(run_dir, model, optimizer, cfg, state.step, json_state)
+        if eval_metrics is not None or (due.save and cfg.save_dir is not None):
+            report(eval_metrics or {}, checkpoint)
     progress.close()
     window.check_finite()
+    # taken before the flush empties the log window: resuming the finished run gives the same metrics
+    final_state = _train_state_json(state, window, optimizer, world_size)
     final = window.flush(None, optimizer.param_groups[0]["lr"], state, {}) if window.n_tokens else {}
     if cfg.eval_data is not None:
         final.update(_prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size)))
@@ -224,9 +266,73 @@ def train(
     tracker.close()
     if run_dir is not None:
         save_run(run_dir, model.saes.state_dict(), cfg, final)
+        save_final_state(run_dir, final_state)
         logger.info("saved SAEs, config and metrics to %s", run_dir)
     report(final, run_dir)
     return TrainResult(run_dir=run_dir, metrics=final, model=model)
+
+
+def _train_state_json(
+    state: TrainState, window: TrainWindow, optimizer: torch.optim.Optimizer, world_size: int
+) -> dict[str, Any]:
+    """The trainer's part of a checkpoint (JSON): what `_resume` restores besides the tensors.
+    Collective under torch.distributed (the log window is averaged over ranks)."""
+    return {
+        "step": state.step,
+        "samples_seen": state.samples_seen,
+        "world_size": world_size,
+        "lr": optimizer.param_groups[0]["lr"],
+        "window": window.to_json(),
+    }
+
+
+def _save_checkpoint(
+    run_dir: Path,
+    model: SAETransformer,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    step: int,
+    json_state: dict[str, Any],
+) -> Path:
+    """Write a mid-run resume checkpoint, and the SAEs into the run folder (as every save
+    does). Returns the checkpoint folder."""
+    clear_final_state(run_dir)  # the run folder no longer holds a finished run
+    sae_state = model.saes.state_dict()
+    save_run(run_dir, sae_state, cfg, {})
+    return save_checkpoint(run_dir, step, sae_state, cfg, json_state, optimizer.state_dict())
+
+
+def _resume(
+    resume: ResumeState,
+    model: SAETransformer,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    window: TrainWindow,
+    cfg: TrainConfig,
+    world_size: int,
+) -> None:
+    """Load a checkpoint into a freshly built model, optimizer, state and log window.
+
+    Raises:
+        ConfigError: a checkpoint of another number of DDP ranks (each rank's data shard would
+            differ), or a finished run's final state (no Adam state) with steps left to train.
+    """
+    saved = resume.train_state
+    if saved["world_size"] != world_size:
+        raise ConfigError(
+            f"resume_from: {resume.folder} was written by {saved['world_size']} DDP ranks; "
+            f"resume it with as many (got {world_size})"
+        )
+    if resume.optimizer_state is None and saved["step"] < cfg.n_grad_steps:
+        raise ConfigError(f"resume_from: {resume.folder} holds no optimizer state, so it cannot train on")
+    model.saes.load_state_dict(resume.sae_state)
+    if resume.optimizer_state is not None:
+        optimizer.load_state_dict(resume.optimizer_state)
+    for group in optimizer.param_groups:
+        group["lr"] = saved["lr"]  # the next step sets it from the schedule; the final log reads it
+    state.step, state.samples_seen = saved["step"], saved["samples_seen"]
+    window.load_json(saved["window"], model.model_device)
+    logger.info("resumed from %s at step %d (%d samples)", resume.folder, state.step, state.samples_seen)
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -286,11 +392,38 @@ class TrainWindow:
         self.rows.append((step, torch.stack([*terms.values(), total]).detach()))
         self.n_tokens += n_tokens
 
+    def to_json(self) -> dict[str, Any]:
+        """The window as JSON, for a checkpoint (float32 values round-trip through JSON exactly).
+        Collective under torch.distributed: the rows are averaged over ranks, as `flush` would."""
+        rows = torch.stack([row for _, row in self.rows]) if self.rows else torch.zeros(0)
+        if self.rows and dist.is_available() and dist.is_initialized():
+            rows = rows / dist.get_world_size()
+            dist.all_reduce(rows)
+        steps = [step for step, _ in self.rows]
+        return {
+            "keys": self.keys,
+            "n_tokens": self.n_tokens,
+            "rows": list(zip(steps, rows.tolist(), strict=True)),
+        }
+
+    def load_json(self, saved: dict[str, Any], device: torch.device) -> None:
+        """Restore a window saved by `to_json` (its clock restarts now)."""
+        self.keys = list(saved["keys"])
+        self.n_tokens = saved["n_tokens"]
+        self.rows = [
+            (step, torch.tensor(row, dtype=torch.float32, device=device)) for step, row in saved["rows"]
+        ]
+
     def check_finite(self) -> None:
-        """Raises DivergedError naming the first micro-batch's step and term that was NaN/inf."""
+        """Raises DivergedError naming the first micro-batch's step and term that was NaN/inf
+        (on any DDP rank: every rank raises, so none waits at the next all-reduce)."""
         if not self.rows:
             return
         stacked = torch.stack([row for _, row in self.rows])
+        if dist.is_available() and dist.is_initialized():
+            # mean over ranks: NaN/inf spread to every rank; halves first, so no finite sum overflows
+            stacked = stacked / dist.get_world_size()
+            dist.all_reduce(stacked)
         finite = torch.isfinite(stacked)
         if bool(finite.all()):
             return
@@ -301,14 +434,18 @@ class TrainWindow:
         self, grad_norm: torch.Tensor | None, lr: float, state: TrainState, sae_metrics: dict[str, float]
     ) -> dict[str, float]:
         """Mean loss terms over the window, tokens/s, lr, grad norm (before clipping) and
-        `sae_metrics` (L0, explained variance: from the window's last micro-batch)."""
+        `sae_metrics` (L0, explained variance: from the window's last micro-batch), each
+        averaged over DDP ranks (equal batches per rank), so rank 0 reports the global values."""
         values: dict[str, float] = {}
         if self.rows:
             means = torch.stack([row for _, row in self.rows]).mean(0).tolist()
             values = {names.loss_term(k): v for k, v in zip(self.keys[:-1], means[:-1], strict=True)}
             values[names.LOSS] = means[-1]
+        device = self.rows[-1][1].device if self.rows else torch.device("cpu")
+        over_ranks = MeanAccumulator(device)
+        over_ranks.add({**values, **sae_metrics}, weight=1.0)
+        values = over_ranks.means()  # all-reduced when distributed
         elapsed = max(time.perf_counter() - self.start, 1e-9)  # after the sync above
-        values.update(sae_metrics)
         values[names.LR] = lr
         values[names.TOKENS_PER_S] = self.n_tokens / elapsed
         if grad_norm is not None:

@@ -86,6 +86,23 @@ def write_trial_record(sweep_dir: str | os.PathLike[str], record: dict[str, Any]
     return path
 
 
+def read_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> dict[str, Any] | None:
+    """One trial's stored record as written, or None when it has none (or an unreadable one).
+
+    Raises:
+        ValueError: If `arm` or `trial_id` is not a plain name (see `trial_record_path`).
+    """
+    path = trial_record_path(sweep_dir, arm, trial_id)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("ignoring unreadable trial record %s: %s", path, exc)
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _read_record(path: Path) -> dict[str, Any] | None:
     """One record as a flat row, or None (with a warning) when it cannot be used."""
     try:

@@ -34,6 +34,8 @@ RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_AIR_NEW_OUTPUT": "0",
+    # Tune's experiment state at most this many seconds old when a sweep is killed (default 10)
+    "TUNE_GLOBAL_CHECKPOINT_S": "2",
 }
 
 
@@ -112,18 +114,24 @@ def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
             print(f"  ... and {num_samples - shown_trials} more")
 
 
+def on_cluster() -> bool:
+    """Whether `RAY_ADDRESS` names a cluster to join (`ray job submit` sets it; `auto` joins
+    the cluster started on this node with `ray start`)."""
+    return os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
+
+
 def start_ray() -> Any:
-    """Connect to a running cluster (RAY_ADDRESS, as under `ray job submit`) or start a local
-    one with the dashboard on loopback."""
+    """Connect to the cluster `RAY_ADDRESS` names, or else start a new local Ray with the
+    dashboard on loopback: never silently join some other Ray already running here."""
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context()
-    if os.environ.get("RAY_ADDRESS"):
+    if on_cluster():
         return ray.init(log_to_driver=True)
-    return ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+    return ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def check_resources(loaded: LoadedSpace) -> None:
@@ -138,7 +146,7 @@ def check_resources(loaded: LoadedSpace) -> None:
     if need_cpu > have_cpu or need_gpu > have_gpu:
         raise SparsifyError(
             f"{loaded.source}: resources: one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs; this "
-            f"machine has {have_cpu} CPUs and {have_gpu} GPUs (on a cluster, set RAY_ADDRESS)"
+            f"machine has {have_cpu} CPUs and {have_gpu} GPUs (on a cluster, set RAY_ADDRESS, e.g. auto)"
         )
 
 
@@ -167,6 +175,7 @@ def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: 
     import optuna
     from ray import tune
 
+    from sweep.progress import make_progress_callback
     from sweep.trial import ARM_KEY, FailNonFiniteOptunaSearch, run_trial
 
     space = loaded.space
@@ -201,6 +210,7 @@ def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: 
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
+            scheduler=asha_scheduler(loaded, arm_name),
             num_samples=num_samples,
             max_concurrent_trials=space.max_concurrent_trials,
             trial_dirname_creator=lambda trial: f"{arm_name}_{trial.trial_id}",
@@ -209,6 +219,7 @@ def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: 
             name=arm_name,
             storage_path=str(sweep_dir / "ray_tune"),
             verbose=1,
+            callbacks=[make_progress_callback(sweep_dir, arm_name, num_samples)],
             progress_reporter=tune.CLIReporter(
                 metric_columns={m: m for m in space.metrics},
                 parameter_columns=list(space.arms[arm_name].search),
@@ -218,30 +229,57 @@ def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: 
     )
 
 
-def record_errors(results: Any, arm_name: str, sweep_dir: Path) -> None:
-    """Write a trial record for every trial that errored (finished ones wrote their own)."""
+def asha_scheduler(loaded: LoadedSpace, arm_name: str) -> Any:
+    """The arm's ASHA scheduler (`early_stopping`), or None. Its time unit is the trial's evals
+    (each `eval_every_n_samples`, then the final one).
+
+    Raises:
+        SparsifyError: early stopping for trials that do not eval before they end.
+    """
+    rule = loaded.space.early_stopping
+    if rule is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_evals = 1
+    for params in loaded.corner_trials(arm_name):
+        cfg = loaded.trial_config(arm_name, params)
+        if cfg.eval_every_n_samples is None or cfg.eval_data is None:
+            raise SparsifyError(
+                f"{loaded.source}: early_stopping: arms.{arm_name} trials must eval while they train; "
+                "set eval_data and eval_every_n_samples in base_config"
+            )
+        max_evals = max(max_evals, cfg.n_samples // cfg.eval_every_n_samples + 1)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=rule.metric,
+        mode=rule.mode,
+        max_t=max_evals,
+        grace_period=min(rule.grace_period, max_evals),
+        reduction_factor=rule.reduction_factor,
+    )
+
+
+def record_unfinished(results: Any, arm_name: str, sweep_dir: Path) -> None:
+    """Write a trial record for every trial that errored or that ASHA stopped (finished and
+    diverged ones wrote their own). A stopped trial keeps its last, half-trained eval metrics,
+    marked `stopped` so that no frontier uses them."""
     from sweep.results import trial_record_path, write_trial_record
 
     for result in results:
-        if result.error is None:
-            continue
         trial_id = Path(result.path).name.removeprefix(f"{arm_name}_")
         if trial_record_path(sweep_dir, arm_name, trial_id).exists():
             continue
         params = {k: v for k, v in (result.config or {}).items() if k != "arm"}
-        message = str(result.error).strip().splitlines()
-        write_trial_record(
-            sweep_dir,
-            {
-                "arm": arm_name,
-                "trial_id": trial_id,
-                "status": "error",
-                "params": params,
-                "metrics": {},
-                "error": message[-1] if message else type(result.error).__name__,
-                "wall_time_s": None,
-            },
-        )
+        record = {"arm": arm_name, "trial_id": trial_id, "params": params, "wall_time_s": None}
+        if result.error is not None:
+            message = str(result.error).strip().splitlines()
+            error = message[-1] if message else type(result.error).__name__
+            record.update(status="error", metrics={}, error=error)
+        else:
+            metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval/")}
+            record.update(status="stopped", metrics=metrics, error="stopped early by ASHA")
+        write_trial_record(sweep_dir, record)
 
 
 SWEEP_PACKAGES = ("ray", "optuna", "pandas", "matplotlib")
@@ -270,7 +308,7 @@ def require_sweep_packages() -> None:
 def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
     """Run every arm's trials, then write and return the report (`sweep.report`)."""
     require_sweep_packages()
-    if not os.environ.get("RAY_ADDRESS"):
+    if not on_cluster():
         check_resources(loaded)
     from sparsify import prepare, quiet_library_progress_bars
     from sweep.report import build_report
@@ -305,7 +343,7 @@ def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
     for arm_name in loaded.space.arms:
         print(f"\n=== arm {arm_name}: {num_samples} trials ===", flush=True)
         results = arm_tuner(loaded, arm_name, sweep_dir, num_samples).fit()
-        record_errors(results, arm_name, sweep_dir)
+        record_unfinished(results, arm_name, sweep_dir)
     report = build_report(sweep_dir)
     print(f"\nsweep finished in {time.perf_counter() - start:.0f} s", flush=True)
     return report

@@ -94,8 +94,9 @@ class Arm(StrictModel):
     """This SAE type's loss terms (the `loss` section of a training config)."""
     set: dict[str, Any] = Field(default_factory=dict)
     """Fixed values by dotted path, e.g. `saes.dict_size_to_input_ratio: 4`."""
-    search: dict[str, Distribution] = Field(default_factory=dict)
-    """Searched values by dotted path, e.g. `loss.sparsity.coeff: {type: loguniform, ...}`."""
+    search: dict[str, Distribution] = Field(min_length=1)
+    """Searched values by dotted path, e.g. `loss.sparsity.coeff: {type: loguniform, ...}` (at
+    least one: Optuna needs something to search; for repeats, search `seed`)."""
     initial_points: list[dict[str, Any]] = Field(default_factory=list)
     """Parameter sets tried first (each names every searched path), before the sampler's own."""
 
@@ -129,14 +130,44 @@ class Resources(StrictModel):
     """Ray Train workers (DDP ranks) per trial."""
     cpus_per_worker: float = Field(default=2, gt=0)
     gpus_per_worker: float = Field(default=0, ge=0)
+    max_failures: int = Field(default=2, ge=0)
+    """Times a trial is restarted after a worker failure (a crashed or lost worker), each time
+    from its last checkpoint (`save_every_n_samples`); a diverged trial is never retried."""
 
     @model_validator(mode="after")
     def _whole_gpus_for_ddp(self) -> Resources:
-        if self.num_workers > 1 and 0 < self.gpus_per_worker < 1:
+        # 1.5 is fractional too: two workers would share the GPU holding their halves
+        if self.num_workers > 1 and not float(self.gpus_per_worker).is_integer():
             raise ValueError(
-                "fractional gpus_per_worker needs num_workers 1 (two ranks on one GPU break NCCL)"
+                f"fractional gpus_per_worker ({self.gpus_per_worker:g}) needs num_workers 1 "
+                f"(got {self.num_workers}): two ranks on one GPU break NCCL; use whole GPUs for DDP"
             )
         return self
+
+
+class EarlyStopping(StrictModel):
+    """ASHA (asynchronous successive halving): at each eval, a trial whose `metric` is in the
+    worse 1 - 1/reduction_factor of the trials that reached the same eval is stopped. Stopped
+    trials are recorded as `stopped` and left out of every frontier (their values are
+    half-trained)."""
+
+    type: Literal["asha"] = "asha"
+    metric: str = names.EVAL_CE_LOSS_INCREASE
+    """One eval metric ASHA compares (it takes one, unlike the Optuna objectives)."""
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(default=1, ge=1)
+    """Evals every trial gets before it may be stopped."""
+    reduction_factor: float = Field(default=3.0, gt=1)
+    """Keep the best 1/reduction_factor at each rung."""
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_is_reported(cls, metric: str) -> str:
+        if metric not in PRODUCED_EVAL_METRICS:
+            raise ValueError(
+                f"{metric!r} is not a metric trials report; allowed: {', '.join(PRODUCED_EVAL_METRICS)}"
+            )
+        return metric
 
 
 class SearchSpace(StrictModel):
@@ -161,6 +192,9 @@ class SearchSpace(StrictModel):
     random), `nsga2` (genetic, for large budgets), `qmc` (quasi-random Sobol points that spread
     evenly over the ranges: best for a handful of trials), `random`."""
     resources: Resources = Resources()
+    early_stopping: EarlyStopping | None = None
+    """Stop unpromising trials at their evals (ASHA); needs `eval_every_n_samples` in the
+    training config, so that trials report before they end."""
 
     @field_validator("arms")
     @classmethod

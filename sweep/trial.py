@@ -3,8 +3,15 @@
 The Train V2 pattern (DESIGN.md §9): Tune runs `run_trial` once per trial; it turns Tune's
 parameters into a `TrainConfig`, then builds and fits a `TorchTrainer` whose workers run
 `sparsify.train`. Workers call `ray.train.report` (every rank, same number of calls); the
-`TuneReportCallback` forwards rank 0's metrics to Tune. A diverged trial (NaN/inf loss) is
-reported with status "diverged" and NaN objectives; the sweep goes on.
+`TuneReportCallback` forwards rank 0's eval metrics to Tune. A diverged trial (NaN/inf loss)
+is reported with status "diverged" and NaN objectives; the sweep goes on.
+
+Never losing work (DESIGN.md §11): workers report a resume checkpoint every
+`save_every_n_samples` (Ray Train keeps the latest); a failed worker group is restarted up to
+`resources.max_failures` times and continues from that checkpoint, and so does a trial that
+Tune restarts when an interrupted sweep is resumed (same Train run name, same storage). A trial
+that already wrote its record is not trained again. Divergence is an outcome, not a failure:
+it is never retried (it would diverge again).
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +33,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 
-from sparsify import ENV_FILE, TrainConfig, load_env_file, quiet_library_progress_bars
+from sparsify import ENV_FILE, DivergedError, TrainConfig, load_env_file, quiet_library_progress_bars
+from sparsify import metric_names as names
 from sparsify.redact import redact
 from sparsify.trainer import train
-from sweep.results import write_trial_record
+from sweep.results import read_trial_record, write_trial_record
 from sweep.space import LoadedSpace
 
 logger = logging.getLogger(__name__)
@@ -50,8 +60,17 @@ def sweep_runs_dir(sweep_dir: Path, arm: str) -> Path:
     return sweep_dir / "runs" / arm
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: train one SAE config; rank 0 writes the run folder and checkpoints it."""
+def train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker: train one SAE config, from the run's last checkpoint when there is one
+    (a restarted worker group, or a resumed sweep); rank 0 writes the run folder and reports
+    checkpoints.
+
+    Returns:
+        The outcome, which Ray Train hands to the driver as rank 0's `Result.return_value`:
+        `{"status": "finished", "metrics": {...}}`, or `{"status": "diverged", "error": "..."}`
+        (returned, not raised: Ray Train retries what is raised; every rank diverges at the
+        same check, so all return together).
+    """
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     if config.get("num_threads"):
@@ -60,16 +79,45 @@ def train_worker(config: dict[str, Any]) -> None:
     load_env_file(config["env_file"])  # on a cluster node started by `ray start`, not our shell
     cfg = TrainConfig.model_validate(config["train_config"])
 
-    def report(metrics: dict[str, float], run_dir: Path | None) -> None:
-        checkpoint = Checkpoint.from_directory(str(run_dir)) if run_dir is not None else None
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    train(cfg, report=report, rank=rank, world_size=world_size, show_progress=False)
+    try:
+        with _last_checkpoint() as resume_from:
+            result = train(
+                cfg,
+                report=report,
+                rank=rank,
+                world_size=world_size,
+                show_progress=False,
+                resume_from=resume_from,
+            )
+    except DivergedError as exc:
+        return {"status": STATUS_DIVERGED, "error": str(exc)}
+    return {"status": STATUS_FINISHED, "metrics": result.metrics}
 
 
-def _is_diverged(error: BaseException) -> bool:
-    failures = getattr(error, "worker_failures", {}) or {}
-    return any(type(f).__name__ == "DivergedError" for f in failures.values())
+@contextmanager
+def _last_checkpoint() -> Iterator[Path | None]:
+    """The folder of this Train run's latest reported checkpoint, or None on a first attempt."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as folder:
+        logger.info("resuming from checkpoint %s", checkpoint.path)
+        yield Path(folder)
+
+
+class EvalReportCallback(TuneReportCallback):
+    """Forwards to Tune only the worker reports that carry eval metrics (each eval and the
+    end). A report made only to hand Ray Train a checkpoint has no objectives: Tune would reject
+    it, and ASHA would count it as a step."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if any(key.startswith(f"{names.EVAL}/") for key in metrics[0]):
+            super().after_report(run_context, metrics, checkpoint)
 
 
 def _worker_message(error: BaseException) -> str:
@@ -83,12 +131,21 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
     """Tune function trainable: one trial = one `TorchTrainer.fit()`.
 
     Writes the trial record (`sweep/results.py` format) when the trial finishes or diverges;
-    errors propagate to Tune, and `sweep.run` records them afterwards.
+    errors propagate to Tune, and `sweep.run` records them afterwards. A trial that already has
+    a finished or diverged record (Tune restarts the trials it had not seen end when a sweep
+    resumes) reports that record again and trains nothing.
     """
     start = time.perf_counter()
     arm = tune_config[ARM_KEY]
     params = {k: v for k, v in tune_config.items() if k != ARM_KEY}
     trial_id = tune.get_context().get_trial_id()
+    nan_objectives = {metric: math.nan for metric in space.space.metrics}
+    done = read_trial_record(sweep_dir, arm, trial_id)
+    if done is not None and done.get("status") in (STATUS_FINISHED, STATUS_DIVERGED):
+        logger.info("trial %s already ended (%s); keeping its record", trial_id, done["status"])
+        kept = (done.get("metrics") or {}) if done["status"] == STATUS_FINISHED else nan_objectives
+        tune.report({**kept, "status": done["status"]})
+        return
     cfg = space.trial_config(arm, params)
     cfg = cfg.model_copy(update={"save_dir": str(sweep_runs_dir(Path(sweep_dir), arm)), "run_name": trial_id})
     resources = space.space.resources
@@ -111,33 +168,34 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
         run_config=RunConfig(
             name=trial_run_name(trial_id),
             storage_path=str(Path(sweep_dir) / "ray_train"),
-            failure_config=FailureConfig(max_failures=0),
+            # a crashed or lost worker: restart the group from the last checkpoint
+            failure_config=FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
-            callbacks=[TuneReportCallback()],
+            callbacks=[EvalReportCallback()],
         ),
     )
     record = {ARM_KEY: arm, "trial_id": trial_id, "params": params, "error": None}
     try:
-        result = trainer.fit()
+        outcome = trainer.fit().return_value
     except ray.train.TrainingFailedError as exc:
-        message = redact(_worker_message(exc))
-        if not _is_diverged(exc):
-            # Tune writes this error into the sweep folder: the one-line cause, secrets masked
-            raise TrialFailedError(message) from None
-        nan_objectives = {metric: math.nan for metric in space.space.metrics}
+        # Tune writes this error into the sweep folder: the one-line cause, secrets masked
+        raise TrialFailedError(redact(_worker_message(exc))) from None
+    if not isinstance(outcome, dict):
+        raise TrialFailedError(f"the training workers returned no outcome (got {outcome!r})")
+    if outcome["status"] == STATUS_DIVERGED:
         write_trial_record(
             sweep_dir,
             {
                 **record,
                 "status": STATUS_DIVERGED,
                 "metrics": {},
-                "error": message,
+                "error": redact(outcome["error"]),
                 "wall_time_s": time.perf_counter() - start,
             },
         )
         tune.report({**nan_objectives, "status": STATUS_DIVERGED})
         return
-    metrics = {k: v for k, v in (result.metrics or {}).items() if "/" in k}
+    metrics = {k: v for k, v in outcome["metrics"].items() if "/" in k}
     write_trial_record(
         sweep_dir,
         {**record, "status": STATUS_FINISHED, "metrics": metrics, "wall_time_s": time.perf_counter() - start},

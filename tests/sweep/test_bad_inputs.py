@@ -196,6 +196,7 @@ SWEEP_CASES: list[tuple[str, Mutation, list[str]]] = [
         {"loss.sparsity.coeff": {"type": "uniform", "low": -1, "high": 1}}), ["arms.local", "loss.sparsity.coeff"]),
     ("SAE type with no loss terms", setting("arms.local.loss", {}), ["arms.local", "loss", "no reconstruction term"]),
     ("no arms", setting("arms", {}), ["arms"]),
+    ("arm with nothing searched", setting("arms.local.search", {}), ["arms.local.search", "at least 1 item"]),
     ("objective not produced", setting("objectives", [{"metric": "eval/l0"}]), ["objectives", "did you mean eval/L0?"]),
     ("zero trials", setting("num_samples", 0), ["num_samples"]),
     ("fractional GPUs with DDP", setting("resources", {"num_workers": 2, "gpus_per_worker": 0.5}),

@@ -162,3 +162,30 @@ def test_bad_hook_fails_before_ray_starts_and_writes_nothing(tiny_model_dir, cor
     assert len(err) == 1 and ": saes.sae_positions: the model has no hook 'blocks.1.hook_resid_pr'" in err[0]
     assert err[0].startswith(f"error: {tmp_path / 'space.yaml'}: arms.")
     assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [
+        {"gpus_per_worker": 0.25},
+        {"num_workers": 1, "gpus_per_worker": 1.5},
+        {"num_workers": 4, "gpus_per_worker": 2},
+    ],
+    ids=["fraction_of_one_gpu", "one_and_a_half_gpus", "whole_gpus_ddp"],
+)
+def test_fractional_gpus_are_allowed_for_one_worker_and_whole_gpus_for_ddp(tmp_path, resources):
+    tree = {**MINIMAL, "resources": resources}
+    res = load_search_space(write(tmp_path, tree)).space.resources
+    assert res.gpus_per_worker == resources["gpus_per_worker"]
+    assert res.num_workers == resources.get("num_workers", 1)
+
+
+@pytest.mark.parametrize("gpus", [0.5, 1.5])
+def test_fractional_gpus_with_ddp_fail_naming_the_field(tmp_path, gpus):
+    tree = {**MINIMAL, "resources": {"num_workers": 2, "gpus_per_worker": gpus}}
+    with pytest.raises(ConfigError) as error:
+        load_search_space(write(tmp_path, tree))
+    assert str(error.value) == (
+        f"{tmp_path / 'space.yaml'}: resources: fractional gpus_per_worker ({gpus:g}) needs "
+        "num_workers 1 (got 2): two ranks on one GPU break NCCL; use whole GPUs for DDP"
+    )

@@ -24,7 +24,7 @@ def ray_cluster():
     ray.shutdown()
     saved = {k: os.environ.get(k) for k in PLANTED_SECRETS}
     os.environ.update(PLANTED_SECRETS)  # before ray.init, so the trial workers have them too
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never some other Ray here
     start_ray()  # already initialized: only sets the environment defaults
     yield
     ray.shutdown()

@@ -1,0 +1,78 @@
+"""A compact live view of a sweep: one line per arm each time a trial ends, e.g.
+
+    [e2e] 5/8 done (4 finished, 1 diverged) · 1 running · frontier: L0 8.3 @ +1.62, 14.4 @ +1.53
+
+read from the trial records (`sweep.results`), so it shows exactly what the report will use.
+`progress_line` is torch- and Ray-free; `ArmProgress` is the Ray Tune callback that prints it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sparsify.metric_names import EVAL_CE_LOSS_INCREASE, EVAL_L0
+from sweep.pareto import non_dominated
+from sweep.results import STATUSES, finished, load_results
+
+FRONTIER_POINTS_SHOWN = 4
+
+
+def progress_line(
+    table: pd.DataFrame, arm: str, num_samples: int, running: int, unrecorded: dict[str, int] | None = None
+) -> str:
+    """One arm's progress: trials ended out of `num_samples` by status, trials running now, and
+    the L0 vs CE-loss-increase (nats) frontier of its finished trials so far (lowest L0 first).
+
+    Args:
+        table: a results table (`sweep.results.load_results`), any arms.
+        arm: the arm to summarize.
+        num_samples: the arm's trial budget.
+        running: trials of the arm running now.
+        unrecorded: ended trials without a record yet, by status (errored and ASHA-stopped
+            trials are recorded when the arm ends).
+    """
+    rows = table[table["arm"] == arm] if len(table) else table
+    counts = rows["status"].value_counts().to_dict() if len(rows) else {}
+    for status, n in (unrecorded or {}).items():
+        counts[status] = counts.get(status, 0) + n
+    by_status = ", ".join(f"{int(counts[s])} {s}" for s in STATUSES if counts.get(s, 0))
+    line = f"[{arm}] {sum(counts.values())}/{num_samples} done"
+    if by_status:
+        line += f" ({by_status})"
+    line += f" · {running} running"
+    done = finished(rows) if len(rows) else rows
+    if len(done):
+        front = non_dominated(done, EVAL_L0, EVAL_CE_LOSS_INCREASE)
+        points = [f"{r[EVAL_L0]:.3g} @ {r[EVAL_CE_LOSS_INCREASE]:+.3g}" for _, r in front.iterrows()]
+        more = len(points) - FRONTIER_POINTS_SHOWN
+        shown = ", ".join(points[:FRONTIER_POINTS_SHOWN]) + (f" (+{more} more)" if more > 0 else "")
+        line += f" · frontier L0 @ CE increase: {shown}"
+    return line
+
+
+def make_progress_callback(sweep_dir: Path, arm: str, num_samples: int) -> Any:
+    """The Ray Tune callback printing `progress_line` whenever a trial of `arm` ends."""
+    from ray import tune
+
+    class ArmProgress(tune.Callback):
+        def _print(self, trials: list[Any]) -> None:
+            running = sum(1 for t in trials if t.status == "RUNNING")
+            table = load_results(sweep_dir)
+            recorded = set(table.loc[table["arm"] == arm, "trial_id"]) if len(table) else set()
+            unrecorded: dict[str, int] = {}
+            for t in trials:
+                if t.status in ("TERMINATED", "ERROR") and t.trial_id not in recorded:
+                    status = "error" if t.status == "ERROR" else "stopped"
+                    unrecorded[status] = unrecorded.get(status, 0) + 1
+            print(progress_line(table, arm, num_samples, running, unrecorded), flush=True)
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._print(trials)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._print(trials)
+
+    return ArmProgress()

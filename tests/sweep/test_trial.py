@@ -1,0 +1,144 @@
+"""Worker failures inside a trial (Ray Train V2): a crashed worker is restarted from the trial's
+last checkpoint and the trial's result equals an uninterrupted run's; a diverged trial is
+recorded once and never retried. About a minute on 2 CPU cores."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_train_config
+
+from sparsify.checkpoint import SAE_WEIGHTS, load_sae_weights
+from sparsify.trainer import train
+from sweep.results import load_results
+from sweep.space import load_search_space
+
+TIMING = {"train/tokens_per_s"}
+LOCAL = {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}}
+ONE_COEFF = {"loss.sparsity.coeff": {"type": "categorical", "values": [1.0]}}
+"""OptunaSearch needs a searched parameter; one value keeps the trial known."""
+
+
+def crash_hook(marker: Path, attempts_log: Path):
+    """A Ray `worker_process_setup_hook` (runs in every Ray worker process, so nothing in the
+    code under test knows of it): `ray.train.get_checkpoint` logs each Train attempt, and the
+    first worker to report a checkpoint while `marker` is absent creates it and dies
+    (`os._exit(1)`, as a lost node would) a moment later, once the controller has registered
+    that checkpoint."""
+
+    def hook() -> None:
+        import os
+        import time
+
+        import ray.train
+
+        report, get_checkpoint = ray.train.report, ray.train.get_checkpoint
+
+        def logged_get_checkpoint():
+            checkpoint = get_checkpoint()
+            run = ray.train.get_context().get_experiment_name()
+            with open(attempts_log, "a") as log:
+                log.write(f"{run} resumed={checkpoint is not None}\n")
+            return checkpoint
+
+        def crashing_report(metrics, checkpoint=None, **kwargs):
+            report(metrics, checkpoint=checkpoint, **kwargs)
+            if checkpoint is not None and not marker.exists():
+                marker.write_text("crashed once")
+                time.sleep(3)  # the controller polls every 0.5 s: the checkpoint is registered
+                os._exit(1)
+
+        ray.train.report = crashing_report
+        ray.train.get_checkpoint = logged_get_checkpoint
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def crashing_ray(tmp_path_factory):
+    import ray
+
+    from sweep.run import start_ray
+
+    folder = tmp_path_factory.mktemp("crash")
+    marker, attempts = folder / "crashed", folder / "attempts.log"
+    ray.shutdown()
+    ray.init(
+        address="local",  # never some other Ray running here
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"worker_process_setup_hook": crash_hook(marker, attempts)},
+    )
+    start_ray()  # already initialized: only sets the environment defaults
+    yield marker, attempts
+    ray.shutdown()
+
+
+def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_trial_is_not_retried(
+    crashing_ray, tiny_model_dir, corpus_dir, tmp_path
+):
+    from sweep.run import arm_tuner
+
+    marker, attempts = crashing_ray
+    # 4 optimizer steps, a checkpoint after step 2: the crash comes right after it
+    base = tiny_train_config(
+        tiny_model_dir, corpus_dir, tmp_path, n_samples=64, batch_size=8, effective_batch_size=16,
+        save_every_n_samples=32, log_every_n_grad_steps=100,
+    )  # fmt: skip
+    del base["loss"]
+    space = {
+        "name": "failures",
+        "storage_path": str(tmp_path / "sweeps"),
+        "num_samples": 1,
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 2},
+        "base_config": base,
+        "arms": {
+            "local": {"loss": LOCAL, "search": ONE_COEFF},
+            # lr 1e30 overflows at once; retrying would only diverge again
+            "diverges": {"loss": LOCAL, "search": ONE_COEFF, "set": {"lr": 1e30}},
+        },
+    }
+    path = tmp_path / "failures.yaml"
+    path.write_text(yaml.safe_dump(space))
+    loaded = load_search_space(path)
+    sweep_dir = tmp_path / "sweeps" / "failures"
+    for arm in ("local", "diverges"):
+        arm_tuner(loaded, arm, sweep_dir, num_samples=1).fit()
+    table = load_results(sweep_dir).set_index("arm")
+    local, diverged = table.loc["local"], table.loc["diverges"]
+
+    runs = attempts.read_text().splitlines()
+    local_runs = [line for line in runs if local["trial_id"] in line]
+    diverged_runs = [line for line in runs if diverged["trial_id"] in line]
+    assert marker.exists(), "the worker never crashed"
+    assert [line.split()[-1] for line in local_runs] == ["resumed=False", "resumed=True"], runs
+    assert local["status"] == "finished"
+
+    # the same trial trained here, uninterrupted, with the worker's one thread
+    params = {"loss.sparsity.coeff": 1.0}
+    cfg = loaded.trial_config("local", params).model_copy(update={"save_dir": str(tmp_path / "here")})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = train(cfg, show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    # tolerance 1e-6 relative (another process, same thread count: in practice bit-identical)
+    for key in set(here.metrics) - TIMING:
+        assert local[key] == pytest.approx(here.metrics[key], rel=1e-6, abs=1e-9), key
+    trained = load_sae_weights(sweep_dir / "runs" / "local" / local["trial_id"] / SAE_WEIGHTS)
+    for key, value in here.model.saes.state_dict().items():
+        torch.testing.assert_close(trained[key], value, rtol=1e-6, atol=1e-7)
+    weight_diff = max(float((trained[k] - v).abs().max()) for k, v in here.model.saes.state_dict().items())
+    metric_diff = max(abs(local[k] - here.metrics[k]) for k in set(here.metrics) - TIMING)
+    print(
+        f"\ncrashed + resumed vs uninterrupted: max |weight diff| {weight_diff:g}, max |metric diff| {metric_diff:g}"
+    )
+
+    assert len(diverged_runs) == 1, runs  # no retry
+    assert diverged["status"] == "diverged" and "is inf" in diverged["error"]
+    assert all(math.isnan(diverged.get(m, math.nan)) for m in loaded.space.metrics)
