@@ -9,7 +9,6 @@ to the embedded State of the Union speeches and SmolLM2's tokenizer (DESIGN.md Â
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -31,11 +30,11 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sparsify.atomic import current_umask
+from sparsify.cli import run_config_command
 from sparsify.data import count_local_sequences, iter_batches
-from sparsify.errors import ConfigError, DataError, DivergedError, SparsifyError
+from sparsify.errors import ConfigError, DataError, DivergedError
 from sparsify.metric_names import EVAL, LOSS, LR, TOKENS_PER_S, TOKENS_SEEN, TRAIN, prefixed
 from sparsify.models.lm_config import LMTrainConfig, load_lm_config
-from sparsify.redact import redact
 from sparsify.schedule import lr_factor
 
 logger = logging.getLogger(__name__)
@@ -309,39 +308,23 @@ def save_lm(run_dir: Path, model: Any, tokenizer: Any, cfg: LMTrainConfig, recor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sparsify.models.lm",
-        description="Train a small causal LM from scratch on a text corpus.",
+    return run_config_command(
+        "python -m sparsify.models.lm",
+        "Train a small causal LM from scratch on a text corpus.",
+        "LM training config YAML",
+        _train_lm_from_file,
+        argv,
+        interrupted="nothing was saved",
     )
-    parser.add_argument("config", help="LM training config YAML")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_lm_config(args.config)
-        from sparsify.model_loading import quiet_library_progress_bars
 
-        quiet_library_progress_bars()
-        with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
-            result = train_lm(cfg)
-    except SparsifyError as exc:
-        if args.debug:
-            raise
-        message = str(exc)
-        if not message.startswith(args.config):
-            message = f"{args.config}: {message}"  # errors found after loading name the file too
-        print(f"error: {redact(message)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was saved", file=sys.stderr)
-        return 130
-    except DivergedError as exc:
-        print(f"error: training diverged: {exc} (try a lower lr or max_grad_norm)", file=sys.stderr)
-        return 1
-    print(json.dumps(result.metrics, indent=2, sort_keys=True))
-    if result.run_dir is not None:
-        print(f"run folder: {result.run_dir}")
-    return 0
+
+def _train_lm_from_file(config: str) -> Any:
+    cfg = load_lm_config(config)
+    from sparsify.model_loading import quiet_library_progress_bars
+
+    quiet_library_progress_bars()
+    with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
+        return train_lm(cfg)
 
 
 if __name__ == "__main__":

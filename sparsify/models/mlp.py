@@ -10,7 +10,6 @@ Writes a run folder: `model.safetensors`, the resolved `config.yaml`, `metrics.j
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -28,8 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sparsify.atomic import atomic_write_text, atomic_write_with
+from sparsify.cli import run_config_command
 from sparsify.config import SAFE_NAME, Seed, StrictModel, read_yaml, validate_model
-from sparsify.errors import ConfigError, MissingPackageError, SparsifyError
+from sparsify.errors import ConfigError, MissingPackageError
 from sparsify.metric_names import EVAL, TRAIN, prefixed
 
 MODEL_WEIGHTS = "model.safetensors"
@@ -287,26 +287,14 @@ def load_mlp_config(path: str | Path) -> MLPConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sparsify.models.mlp", description=(__doc__ or "").splitlines()[0]
+    return run_config_command(
+        "python -m sparsify.models.mlp",
+        (__doc__ or "").splitlines()[0],
+        "MLP config YAML",
+        lambda config: train_mlp(load_mlp_config(config)),
+        argv,
+        interrupted="nothing was saved",
     )
-    parser.add_argument("config", help="MLP config YAML")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    try:
-        result = train_mlp(load_mlp_config(args.config))
-    except SparsifyError as exc:
-        if args.debug:
-            raise
-        message = str(exc)
-        if not message.startswith(args.config):
-            message = f"{args.config}: {message}"
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.metrics, indent=2, sort_keys=True))
-    if result.run_dir is not None:
-        print(f"run folder: {result.run_dir}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ split, one "token" being one image. Writes a run folder: `sae.safetensors`, `con
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -28,8 +27,9 @@ from sparsify import metric_names as names
 from sparsify import metrics
 from sparsify.atomic import atomic_write_text
 from sparsify.checkpoint import CONFIG_FILE, METRICS_FILE, SAE_WEIGHTS, load_sae_weights, save_sae_weights
+from sparsify.cli import run_config_command
 from sparsify.config import SAFE_NAME, LossConfig, Seed, StrictModel, read_yaml, validate_model
-from sparsify.errors import ConfigError, DivergedError, SparsifyError
+from sparsify.errors import ConfigError, DivergedError
 from sparsify.hooks import hook_to_key
 from sparsify.losses import weighted_total
 from sparsify.models.mlp import (
@@ -267,31 +267,15 @@ def load_config(path: str | Path) -> MLPSAEsConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sparsify.models.mlp_saes", description=(__doc__ or "").splitlines()[0]
+    return run_config_command(
+        "python -m sparsify.models.mlp_saes",
+        (__doc__ or "").splitlines()[0],
+        "MLP-SAE config YAML",
+        lambda config: train_saes(load_config(config)),
+        argv,
+        headline=lambda m: {k: v for k, v in m.items() if k.startswith("eval/") and "/hidden" not in k},
+        interrupted="nothing was saved",
     )
-    parser.add_argument("config", help="MLP-SAE config YAML")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = train_saes(load_config(args.config))
-    except SparsifyError as exc:
-        if args.debug:
-            raise
-        message = str(exc)
-        if not message.startswith(args.config):
-            message = f"{args.config}: {message}"  # errors found after loading name the file too
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except DivergedError as exc:
-        print(f"error: training diverged: {exc} (try a lower lr or max_grad_norm)", file=sys.stderr)
-        return 1
-    headline = {k: v for k, v in result.metrics.items() if k.startswith("eval/") and "/hidden" not in k}
-    print(json.dumps(headline, indent=2, sort_keys=True))
-    if result.run_dir is not None:
-        print(f"run folder: {result.run_dir}")
-    return 0
 
 
 if __name__ == "__main__":
