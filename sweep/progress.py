@@ -58,21 +58,23 @@ def make_progress_callback(sweep_dir: Path, arm: str, num_samples: int) -> Any:
     from ray import tune
 
     class ArmProgress(tune.Callback):
-        def _print(self, trials: list[Any]) -> None:
-            running = sum(1 for t in trials if t.status == "RUNNING")
+        def _print(self, trials: list[Any], ended: Any, ended_as: str) -> None:
+            # the trial that just ended may still read RUNNING while its callbacks run
+            running = sum(1 for t in trials if t.status == "RUNNING" and t is not ended)
             table = load_results(sweep_dir)
             recorded = set(table.loc[table["arm"] == arm, "trial_id"]) if len(table) else set()
             unrecorded: dict[str, int] = {}
             for t in trials:
-                if t.status in ("TERMINATED", "ERROR") and t.trial_id not in recorded:
-                    status = "error" if t.status == "ERROR" else "stopped"
+                has_ended = t.status in ("TERMINATED", "ERROR") or t is ended
+                if has_ended and t.trial_id not in recorded:
+                    status = ended_as if t is ended else ("error" if t.status == "ERROR" else "stopped")
                     unrecorded[status] = unrecorded.get(status, 0) + 1
             print(progress_line(table, arm, num_samples, running, unrecorded), flush=True)
 
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            self._print(trials)
+            self._print(trials, trial, "stopped")  # unless it wrote its own record
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            self._print(trials)
+            self._print(trials, trial, "error")
 
     return ArmProgress()
