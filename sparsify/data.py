@@ -282,6 +282,16 @@ def check_data_budget(cfg: TrainConfig, tokenizer: Any, world_size: int = 1) -> 
         alive_seqs = math.ceil(cfg.act_frequency_n_tokens / cfg.eval_data.n_ctx)
         needs.append(("eval_data", "eval_n_samples", cfg.eval_data, cfg.eval_n_samples))
         needs.append(("eval_data", "act_frequency_n_tokens", cfg.eval_data, alive_seqs))
+    check_section_budgets(needs, tokenizer)
+
+
+def check_section_budgets(needs: list[tuple[str, str, DataConfig, int]], tokenizer: Any) -> None:
+    """For each (section, field, data, sequences needed): local data must hold that many.
+
+    Raises:
+        DataError: `field: section has N sequences ...; the run needs M`, or a read error
+            prefixed with the section.
+    """
     for section, field_name, data, n_seqs in needs:
         try:
             available = count_local_sequences(data, tokenizer)

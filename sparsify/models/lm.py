@@ -31,8 +31,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sparsify.atomic import current_umask
 from sparsify.cli import run_config_command
-from sparsify.data import count_local_sequences, iter_batches
-from sparsify.errors import ConfigError, DataError, DivergedError
+from sparsify.data import check_section_budgets, iter_batches
+from sparsify.errors import ConfigError, DivergedError
 from sparsify.metric_names import EVAL, LOSS, LR, TOKENS_PER_S, TOKENS_SEEN, TRAIN, prefixed
 from sparsify.models.lm_config import LMTrainConfig, load_lm_config
 from sparsify.schedule import lr_factor
@@ -231,20 +231,11 @@ def train_lm(cfg: LMTrainConfig, show_progress: bool = True) -> LMTrainResult:
 def _check_data(cfg: LMTrainConfig, tokenizer: Any) -> None:
     """Fail before training when local data is unreadable or too small, naming the section.
     Raises DataError."""
-    needs = (
-        ("train_data", "n_samples", cfg.n_steps * cfg.batch_size),
-        ("eval_data", "eval_n_samples", cfg.eval_n_samples),
-    )
-    for section, field_name, n_seqs in needs:
-        data = getattr(cfg, section)
-        try:
-            available = count_local_sequences(data, tokenizer)
-        except DataError as exc:  # "files: ..." -> "train_data.files: ..."
-            raise DataError(f"{section}.{exc}") from None
-        if available is not None and available < n_seqs:
-            raise DataError(
-                f"{field_name}: {section} has {available} sequences of {data.n_ctx} tokens; the run needs {n_seqs}"
-            )
+    needs = [
+        ("train_data", "n_samples", cfg.train_data, cfg.n_steps * cfg.batch_size),
+        ("eval_data", "eval_n_samples", cfg.eval_data, cfg.eval_n_samples),
+    ]
+    check_section_budgets(needs, tokenizer)
 
 
 def _adamw(model: Any, cfg: LMTrainConfig) -> torch.optim.AdamW:
