@@ -45,7 +45,7 @@ bench-venv:  ## the reference e2e-sae 2.1.1 in its own venv (it needs transforme
 	$(REF_VENV)/bin/pip uninstall -q -y torchvision
 
 bench: install  ## step benchmark on CPU: ours vs the reference (make bench-venv first)
-	$(BIN)/python -m bench.run --case smollm2-cpu --ref-python $(REF_VENV)/bin/python
+	$(BIN)/python -m bench.run --case smollm2-cpu --compile-precision float32 --ref-python $(REF_VENV)/bin/python
 
 check: install  ## lint, format check and type check (what CI and pre-commit expect)
 	$(BIN)/ruff check sparsify sweep tests bench

@@ -42,7 +42,7 @@ def loss_config(case: Case, arm: str) -> dict[str, Any]:
     return loss
 
 
-def train_config(case: Case, arm: str, precision: str) -> TrainConfig:
+def train_config(case: Case, arm: str, precision: str, compiled: bool = False) -> TrainConfig:
     return TrainConfig.model_validate(
         {
             "model_name": EMBEDDED_MODEL_NAME,
@@ -60,6 +60,7 @@ def train_config(case: Case, arm: str, precision: str) -> TrainConfig:
             "device": case.device,
             "autocast": PRECISIONS[precision],
             "activation_cache": "off",  # the cached local step is timed separately (--activation-cache)
+            "compile": compiled,
         }
     )
 
@@ -110,15 +111,17 @@ def time_arm(
     steps: int,
     resume: bool = True,
     cache: bool = False,
+    compiled: bool = False,
 ) -> dict:
     """Time the trainer's step (micro-batch forward/backward, optimizer step, metrics window).
     `resume=False` times the step without resuming at the SAE's block (an ablation); `cache`
-    reads the local arm's SAE inputs from the activation cache."""
-    cfg = train_config(case, arm, precision)
+    reads the local arm's SAE inputs from the activation cache; `compiled` times the
+    `torch.compile`d SAEs and loss terms (warmup steps absorb the compile)."""
+    cfg = train_config(case, arm, precision, compiled)
     model = build_model(cfg, tlens_model)
     if not resume:
         model.resume_hook = None
-    plan = make_loss_plan(model, cfg.loss)
+    plan = make_loss_plan(model, cfg.loss, compiled=cfg.compile)
     optimizer = torch.optim.Adam(model.saes.parameters(), lr=cfg.lr)
     window = TrainWindow()
 
@@ -142,6 +145,8 @@ def time_arm(
 
     times = time_steps(step, case, warmup, steps)
     impl = "ours, activation cache" if cache else "ours" if resume else "ours, no resume"
+    if compiled:
+        impl += ", compiled"
     return record(impl, case, arm, precision, times, resumes_at_sae_block=plan.resume_hook is not None)
 
 
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--activation-cache", action="store_true", help="local arm: read SAE inputs from the activation cache"
     )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the SAEs and loss terms")
     parser.add_argument("--out", type=Path, help="append JSON lines here (also printed)")
     args = parser.parse_args(argv)
     case = CASES[args.case]
@@ -168,8 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         for arm in args.arms:
             cache = args.activation_cache and arm == "local"
             result = time_arm(
-                case, arm, precision, tlens_model, args.warmup, args.steps, not args.no_resume, cache
-            )
+                case, arm, precision, tlens_model, args.warmup, args.steps, not args.no_resume, cache,
+                args.compile,
+            )  # fmt: skip
             emit(result, args.out)
             release(device)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from bench.cases import ARMS, CASES
 
 DEFAULT_REF_PYTHON = Path(".venv-ref/bin/python")
+OUR_VARIANTS = ("ours", "ours, compiled")
 
 
 def run_impl(
@@ -40,17 +41,26 @@ def run_impl(
 
 
 def comparison(results: list[dict]) -> list[dict]:
-    """Per (arm, our precision): ours/reference tokens/s, and per precision local/e2e."""
-    reference = {r["arm"]: r for r in results if r["impl"] != "ours"}
-    ours = [r for r in results if r["impl"] == "ours"]
+    """Per (our variant, arm, precision): ours/reference tokens/s, and local/e2e within the same
+    variant and precision. Our variants: `ours` (eager) and `ours, compiled`."""
+    reference = {r["arm"]: r for r in results if r["impl"].startswith("reference")}
+    ours = [r for r in results if r["impl"] in OUR_VARIANTS]
     rows = []
     for r in ours:
-        row = {"arm": r["arm"], "precision": r["precision"], "ours_tokens_per_s": r["tokens_per_s"]}
+        row = {
+            "impl": r["impl"],
+            "arm": r["arm"],
+            "precision": r["precision"],
+            "ours_tokens_per_s": r["tokens_per_s"],
+        }
         ref = reference.get(r["arm"])
         if ref is not None:
             row["reference_tokens_per_s"] = ref["tokens_per_s"]
             row["ours_over_reference"] = r["tokens_per_s"] / ref["tokens_per_s"]
-        e2e = next((o for o in ours if o["arm"] == "e2e" and o["precision"] == r["precision"]), None)
+        e2e = next(
+            (o for o in ours if (o["impl"], o["arm"], o["precision"]) == (r["impl"], "e2e", r["precision"])),
+            None,
+        )
         if r["arm"] == "local" and e2e is not None:
             row["local_over_e2e"] = r["tokens_per_s"] / e2e["tokens_per_s"]
         rows.append(row)
@@ -66,11 +76,11 @@ def print_table(results: list[dict], rows: list[dict]) -> None:
             f"{r['impl']:<26}{r['arm']:<8}{r['precision']:<15}{r['step_s']:>9.3f}"
             f"{r['tokens_per_s']:>11.0f}{mfu:>7}{mem:>10}"
         )
-    print(f"\n{'arm':<8}{'precision':<15}{'ours/reference':>15}{'local/e2e':>11}")
+    print(f"\n{'ours':<16}{'arm':<8}{'precision':<15}{'ours/reference':>15}{'local/e2e':>11}")
     for row in rows:
         ratio = f"{row['ours_over_reference']:.2f}x" if "ours_over_reference" in row else "-"
         local = f"{row['local_over_e2e']:.2f}x" if "local_over_e2e" in row else ""
-        print(f"{row['arm']:<8}{row['precision']:<15}{ratio:>15}{local:>11}")
+        print(f"{row['impl']:<16}{row['arm']:<8}{row['precision']:<15}{ratio:>15}{local:>11}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ref-pythonpath",
         help="the reference's dependencies as a pip --target folder; it then runs with this Python",
+    )
+    parser.add_argument(
+        "--compile-precision",
+        nargs="+",
+        default=[],
+        help="also time ours with torch.compile'd SAEs and loss terms, at these precisions",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per implementation")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -108,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     codes = {
         "ours": run_impl("bench.ours", sys.executable, args.ours_pythonpath, ours_args, jsonl, args.timeout)
     }
+    if args.compile_precision:
+        compiled_args = [*common, "--precision", *args.compile_precision, "--compile"]
+        codes["ours, compiled"] = run_impl(
+            "bench.ours", sys.executable, args.ours_pythonpath, compiled_args, jsonl, args.timeout
+        )
     if args.ref_pythonpath:
         codes["reference"] = run_impl(
             "bench.reference", sys.executable, args.ref_pythonpath, common, jsonl, args.timeout

@@ -212,6 +212,11 @@ class TrainConfig(StrictModel):
     """Local SAEs: read the model's activations at the SAE positions from a disk cache shared by
     every run on the same data, instead of running the model each step. auto: on a CPU, for
     local losses on local data up to 8 GiB (on a GPU recomputing is faster)."""
+    compile: bool = False
+    """`torch.compile` the SAEs and the loss terms (the KL's log-softmaxes fuse into one kernel,
+    with no vocab-sized float32 intermediates). The first steps pay the compile time (about
+    10-60 s); it pays on long GPU runs. The frozen model itself is not compiled: its hooks would
+    break the graph."""
     tensorboard: bool = True
     """Write TensorBoard event files into the run folder."""
     wandb_project: str | None = None

@@ -19,7 +19,7 @@ from sparsify.config import LATER_RESID_PRE, LossConfig, TrainConfig
 from sparsify.data import iter_batches, shard_size
 from sparsify.errors import HookNameError
 from sparsify.hooks import block_index, check_hook_names, later_resid_pre_hooks
-from sparsify.losses import logits_kl_loss, mse_loss, sparsity_loss
+from sparsify.losses import compiled, logits_kl_loss, mse_loss, sparsity_loss
 from sparsify.sae_transformer import ForwardOutput, SAETransformer
 
 
@@ -37,6 +37,8 @@ class LossPlan:
     resume_hook: str | None = None
     """The SAE forward resumes here from the original model's residual, so the blocks before
     the first SAE run once per step, not twice (`SAETransformer.resume_hook`)."""
+    compiled: bool = False
+    """Use the `torch.compile`d loss functions (`TrainConfig.compile`)."""
 
     @property
     def orig_capture(self) -> tuple[str, ...]:
@@ -45,8 +47,8 @@ class LossPlan:
         return at_saes + self.in_to_orig_hooks + resume
 
 
-def make_loss_plan(model: SAETransformer, loss: LossConfig) -> LossPlan:
-    """Resolve the loss config against a model.
+def make_loss_plan(model: SAETransformer, loss: LossConfig, compiled: bool = False) -> LossPlan:
+    """Resolve the loss config against a model (`compiled`: use `torch.compile`d loss terms).
 
     Raises:
         HookNameError: an in_to_orig hook the model does not have.
@@ -62,7 +64,7 @@ def make_loss_plan(model: SAETransformer, loss: LossConfig) -> LossPlan:
     stop = None if loss.needs_logits else model.stop_layer_for(model.sae_positions)
     # only a step that runs the original model anyway has a residual to resume from
     resume = model.resume_hook if loss.needs_original_model else None
-    return LossPlan(loss, tuple(model.sae_positions), hooks, stop, model.first_position, resume)
+    return LossPlan(loss, tuple(model.sae_positions), hooks, stop, model.first_position, resume, compiled)
 
 
 def _check_downstream(hooks: tuple[str, ...], sae_positions: list[str]) -> None:
@@ -114,6 +116,9 @@ def loss_terms(
         out = model.forward(
             tokens, capture=plan.in_to_orig_hooks, stop_at_layer=plan.stop_at_layer, resume_from=resume_from
         )
+    sparsity_fn, mse_fn, kl_fn = sparsity_loss, mse_loss, logits_kl_loss
+    if plan.compiled:
+        sparsity_fn, mse_fn, kl_fn = compiled(sparsity_loss), compiled(mse_loss), compiled(logits_kl_loss)
     terms: dict[str, Tensor] = {}
     zero = torch.zeros((), device=model.model_device)
     for name in ("sparsity", "out_to_in", "out_to_orig"):
@@ -122,23 +127,23 @@ def loss_terms(
     first = plan.first_position
     for hook, acts in out.sae_acts.items():
         if loss.sparsity is not None:
-            terms["sparsity"] = terms["sparsity"] + sparsity_loss(
+            terms["sparsity"] = terms["sparsity"] + sparsity_fn(
                 acts.codes, loss.sparsity.p_norm, acts.sae_in.shape[-1]
             )
         if loss.out_to_in is not None:
-            terms["out_to_in"] = terms["out_to_in"] + mse_loss(acts.sae_out, acts.sae_in)
+            terms["out_to_in"] = terms["out_to_in"] + mse_fn(acts.sae_out, acts.sae_in)
         if loss.out_to_orig is not None and raw is not None:
             orig = raw.acts[hook][:, first:].float()
-            terms["out_to_orig"] = terms["out_to_orig"] + mse_loss(acts.sae_out, orig)
+            terms["out_to_orig"] = terms["out_to_orig"] + mse_fn(acts.sae_out, orig)
     if loss.in_to_orig is not None and raw is not None:
         per_hook = [
-            mse_loss(out.acts[h][:, first:].float(), raw.acts[h][:, first:].float())
+            mse_fn(out.acts[h][:, first:].float(), raw.acts[h][:, first:].float())
             for h in plan.in_to_orig_hooks
         ]
         terms["in_to_orig"] = torch.stack(per_hook).mean() if per_hook else zero
     if loss.logits_kl is not None and raw is not None:
         assert raw.logits is not None and out.logits is not None  # the plan runs to the logits
-        terms["logits_kl"] = logits_kl_loss(raw.logits[:, first:], out.logits[:, first:])
+        terms["logits_kl"] = kl_fn(raw.logits[:, first:], out.logits[:, first:])
     return terms, out
 
 

@@ -117,6 +117,9 @@ def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransfor
         autocast,
     )
     _load_pretrained(model, cfg)
+    if cfg.compile:
+        for sae in model.saes.values():
+            sae.compile()  # in place: the state dict keeps its names
     for field_name in ("train_data", "eval_data"):
         data = getattr(cfg, field_name)
         if data is not None and data.n_ctx > model.n_ctx:
@@ -171,7 +174,7 @@ def train(
         DivergedError: a NaN/inf loss, naming the step and term.
     """
     model = build_model(cfg, tlens_model)
-    plan = make_loss_plan(model, cfg.loss)
+    plan = make_loss_plan(model, cfg.loss, compiled=cfg.compile)
     tokenizer = model.tlens_model.tokenizer
     device = model.model_device
     is_main = rank == 0

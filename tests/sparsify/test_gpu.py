@@ -1,6 +1,7 @@
 """GPU checks (`pytest -m gpu`, run by bench/gpu_check.sh): bf16 autocast keeps the SAE in
 float32 and stays close to the float32 model, resuming at the SAE's block is exact on GPU, a
-whole training run works on cuda, and the paper's GPT-2-small e2e step fits in 80 GB."""
+whole training run works on cuda, the paper's GPT-2-small e2e step fits in 80 GB, and
+`compile: true` trains the same SAE as eager."""
 
 from __future__ import annotations
 
@@ -85,3 +86,15 @@ def test_gpt2_small_e2e_step_fits_in_80_gb():
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     assert torch.isfinite(total) and set(terms) == {"sparsity", "logits_kl", "in_to_orig"}
     assert peak_gib < 80, f"peak {peak_gib:.1f} GiB"
+
+
+def test_compiled_training_on_gpu_matches_eager(tiny_model_dir, corpus_dir, tmp_path):
+    """`compile: true` on cuda (Triton kernels for the SAEs and loss terms) trains the same SAE."""
+    overrides = {"device": "cuda", "autocast": "off", "n_samples": 32, "save_dir": None}
+    base = tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, **overrides)
+    eager = train(TrainConfig.model_validate(base), show_progress=False)
+    compiled = train(TrainConfig.model_validate({**base, "compile": True}), show_progress=False)
+    a, b = eager.model.saes.state_dict(), compiled.model.saes.state_dict()
+    for key in a:
+        assert_close(b[key], a[key], atol=1e-4, rtol=1e-3)
+    assert compiled.metrics["eval/kl"] == pytest.approx(eager.metrics["eval/kl"], rel=1e-3, abs=1e-6)
