@@ -9,10 +9,19 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
+from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from sparsify.errors import ConfigError
@@ -26,6 +35,24 @@ LATER_RESID_PRE = "later_resid_pre"
 class StrictModel(BaseModel):
     # allow_inf_nan=False: `lr: .inf` is a typo to report, not a run to diverge
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `lr: true` as 1.0; YAML's `1e-3` (a string) stays accepted
+        if isinstance(value, bool) and info.field_name is not None:
+            if _takes_number_not_bool(cls.model_fields[info.field_name].annotation):
+                raise ValueError("expected a number, not a boolean")
+        return value
+
+
+def _takes_number_not_bool(annotation: Any) -> bool:
+    options = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, UnionType)
+        else (annotation,)
+    )
+    return bool not in options and any(option in (int, float) for option in options)
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
@@ -330,11 +357,32 @@ def validate_model(model: type[M], raw: Any, source: str) -> M:
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (plain
+    YAML keeps the last one, so a pasted `lr:` line would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key == "<<" or not isinstance(key, typing.Hashable):
+                continue
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {first_line[key]})",
+                    key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping.
 
     Raises:
-        ConfigError: missing file, or a syntax error (with file and line).
+        ConfigError: missing file, a syntax error or a key given twice (with file and line).
     """
     path = Path(path)
     try:
@@ -344,7 +392,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

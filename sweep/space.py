@@ -16,10 +16,18 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sparsify import metric_names as names
-from sparsify.config import SAFE_NAME, Seed, TrainConfig, read_yaml, validate_config, validate_model
+from sparsify.config import (
+    SAFE_NAME,
+    Seed,
+    StrictModel,
+    TrainConfig,
+    read_yaml,
+    validate_config,
+    validate_model,
+)
 from sparsify.errors import ConfigError
 
 PRODUCED_EVAL_METRICS = (
@@ -32,10 +40,6 @@ PRODUCED_EVAL_METRICS = (
     names.prefixed(names.EVAL, names.TOTAL_VARIATION),
 )
 """Metrics every trial reports, so objectives may name them."""
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class Distribution(StrictModel):

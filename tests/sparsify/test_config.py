@@ -105,3 +105,26 @@ def test_folder_that_is_not_a_model_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ConfigError, match=r"^model_name: cannot load local folder"):
         load_tlens_model(str(tmp_path), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("lr: 0.001", "lr: true"), ("n_samples: 64", "n_samples: false"), ("lr: 0.001", "seed: true")],
+)
+def test_a_boolean_is_not_a_number(tmp_path, old, new):
+    path = write(tmp_path, VALID.replace(old, new))
+    name = new.split(":")[0]
+    with pytest.raises(ConfigError, match=rf"cfg.yaml: {name}: expected a number, not a boolean"):
+        load_config(path)
+
+
+def test_exponent_without_a_dot_still_reads_as_a_number(tmp_path):
+    # YAML 1.1 reads `1e-3` as a string; pydantic converts it, and that convenience stays
+    assert load_config(write(tmp_path, VALID.replace("lr: 0.001", "lr: 1e-3"))).lr == 0.001
+
+
+def test_a_key_given_twice_names_both_lines(tmp_path):
+    path = write(tmp_path, VALID + "lr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}:8: YAML syntax error: duplicate key 'lr' (first on line 7)"
