@@ -34,6 +34,7 @@ _EXPORTS = {
     "SparsifyError": "sparsify.errors",
     "ConfigError": "sparsify.errors",
     "DataError": "sparsify.errors",
+    "DataUnavailableError": "sparsify.errors",
     "HookNameError": "sparsify.errors",
     "MissingPackageError": "sparsify.errors",
     "DivergedError": "sparsify.errors",

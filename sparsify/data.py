@@ -27,7 +27,7 @@ from torch import Tensor
 from sparsify.atomic import atomic_write_with
 from sparsify.config import DataConfig, TrainConfig
 from sparsify.embedded import cache_dir, sotu_files
-from sparsify.errors import DataError
+from sparsify.errors import DataError, DataUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _hub_sequences(data: DataConfig, tokenizer: Any) -> Iterator[list[int]]:
     try:
         docs = datasets.load_dataset(data.dataset_name, split=data.split, streaming=data.streaming)
     except Exception as exc:  # no network, unknown name, unknown split
-        raise DataError(
+        raise DataUnavailableError(
             f"dataset_name: cannot load {data.dataset_name!r} split {data.split!r}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
         ) from None

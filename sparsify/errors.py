@@ -4,7 +4,14 @@ from __future__ import annotations
 
 
 class SparsifyError(Exception):
-    """A user mistake. `python -m` entry points print `error: <message>` and exit 2."""
+    """A user mistake. `python -m` entry points print `error: <message>` and exit 2.
+
+    A sweep trial that raises one is recorded as an error at once, not retried: the same config
+    fails the same way again. Subclasses with `transient = True` (the hub was unreachable) are
+    retried like a crashed worker.
+    """
+
+    transient = False
 
 
 class ConfigError(SparsifyError):
@@ -13,6 +20,12 @@ class ConfigError(SparsifyError):
 
 class DataError(SparsifyError):
     """Training or eval data is missing, unreadable or too small."""
+
+
+class DataUnavailableError(DataError):
+    """A hub dataset could not be loaded: maybe the network, so a sweep retries the trial."""
+
+    transient = True
 
 
 class HookNameError(SparsifyError):

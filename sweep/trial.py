@@ -11,7 +11,8 @@ Never losing work (DESIGN.md §11): workers report a resume checkpoint every
 `resources.max_failures` times and continues from that checkpoint, and so does a trial that
 Tune restarts when an interrupted sweep is resumed (same Train run name, same storage). A trial
 that already wrote its record is not trained again. Divergence is an outcome, not a failure:
-it is never retried (it would diverge again).
+it is never retried (it would diverge again); nor is a user error such as data too small for
+the trial's config (it would fail again).
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 
-from sparsify import ENV_FILE, DivergedError, TrainConfig, load_env_file, quiet_library_progress_bars
+from sparsify import (
+    ENV_FILE,
+    DivergedError,
+    SparsifyError,
+    TrainConfig,
+    load_env_file,
+    quiet_library_progress_bars,
+)
 from sparsify import metric_names as names
 from sparsify.redact import redact
 from sparsify.trainer import train
@@ -67,9 +75,10 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         The outcome, which Ray Train hands to the driver as rank 0's `Result.return_value`:
-        `{"status": "finished", "metrics": {...}}`, or `{"status": "diverged", "error": "..."}`
-        (returned, not raised: Ray Train retries what is raised; every rank diverges at the
-        same check, so all return together).
+        `{"status": "finished", "metrics": {...}}`, `{"status": "diverged", "error": "..."}`
+        or, for a user error (`SparsifyError`, not transient), `{"status": "error", ...}`:
+        returned, not raised, because Ray Train retries what is raised, and neither would end
+        differently on a retry (every rank diverges or fails at the same check).
     """
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -95,6 +104,11 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             )
     except DivergedError as exc:
         return {"status": STATUS_DIVERGED, "error": str(exc)}
+    except SparsifyError as exc:
+        if exc.transient:
+            raise  # Ray Train restarts the worker group (FailureConfig)
+        # the same config would fail the same way: end the trial now, one line, no retries
+        return {"status": STATUS_ERROR, "error": str(exc)}
     return {"status": STATUS_FINISHED, "metrics": result.metrics}
 
 
@@ -182,6 +196,8 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
         raise TrialFailedError(redact(_worker_message(exc))) from None
     if not isinstance(outcome, dict):
         raise TrialFailedError(f"the training workers returned no outcome (got {outcome!r})")
+    if outcome["status"] == STATUS_ERROR:
+        raise TrialFailedError(redact(outcome["error"]))
     if outcome["status"] == STATUS_DIVERGED:
         write_trial_record(
             sweep_dir,

@@ -1,20 +1,22 @@
 """Worker failures inside a trial (Ray Train V2): a crashed worker is restarted from the trial's
-last checkpoint and the trial's result equals an uninterrupted run's; a diverged trial is
-recorded once and never retried. About a minute on 2 CPU cores."""
+last checkpoint and the trial's result equals an uninterrupted run's; a diverged trial and one
+that fails on a user error are recorded once and never retried. About a minute on 2 CPU cores."""
 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_train_config
+from conftest import make_corpus, tiny_train_config
 
 from sparsify.checkpoint import SAE_WEIGHTS, load_sae_weights
 from sparsify.trainer import train
 from sweep.results import load_results
+from sweep.run import record_unfinished
 from sweep.space import load_search_space
 
 TIMING = {"train/tokens_per_s"}
@@ -78,12 +80,15 @@ def crashing_ray(tmp_path_factory):
     ray.shutdown()
 
 
-def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_trial_is_not_retried(
+def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_or_bad_trial_is_not_retried(
     crashing_ray, tiny_model_dir, corpus_dir, tmp_path
 ):
     from sweep.run import arm_tuner
 
     marker, attempts = crashing_ray
+    doomed = tmp_path / "doomed_corpus"
+    make_corpus(doomed)
+    doomed_files = str(doomed / "*.txt")
     # 4 optimizer steps, a checkpoint after step 2: the crash comes right after it
     base = tiny_train_config(
         tiny_model_dir, corpus_dir, tmp_path, n_samples=64, batch_size=8, effective_batch_size=16,
@@ -100,20 +105,25 @@ def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_trial_is_not_re
             "local": {"loss": LOCAL, "search": ONE_COEFF},
             # lr 1e30 overflows at once; retrying would only diverge again
             "diverges": {"loss": LOCAL, "search": ONE_COEFF, "set": {"lr": 1e30}},
+            # its data is gone by the time the worker reads it: a user error, not retried
+            "data_gone": {"loss": LOCAL, "search": ONE_COEFF, "set": {"train_data.files": [doomed_files]}},
         },
     }
     path = tmp_path / "failures.yaml"
     path.write_text(yaml.safe_dump(space))
     loaded = load_search_space(path)
+    shutil.rmtree(doomed)
     sweep_dir = tmp_path / "sweeps" / "failures"
-    for arm in ("local", "diverges"):
-        arm_tuner(loaded, arm, sweep_dir, num_samples=1).fit()
+    for arm in ("local", "diverges", "data_gone"):
+        results = arm_tuner(loaded, arm, sweep_dir, num_samples=1).fit()
+        record_unfinished(results, arm, sweep_dir)
     table = load_results(sweep_dir).set_index("arm")
-    local, diverged = table.loc["local"], table.loc["diverges"]
+    local, diverged, data_gone = table.loc["local"], table.loc["diverges"], table.loc["data_gone"]
 
     runs = attempts.read_text().splitlines()
     local_runs = [line for line in runs if local["trial_id"] in line]
     diverged_runs = [line for line in runs if diverged["trial_id"] in line]
+    data_gone_runs = [line for line in runs if data_gone["trial_id"] in line]
     assert marker.exists(), "the worker never crashed"
     assert [line.split()[-1] for line in local_runs] == ["resumed=False", "resumed=True"], runs
     assert local["status"] == "finished"
@@ -142,3 +152,7 @@ def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_trial_is_not_re
     assert len(diverged_runs) == 1, runs  # no retry
     assert diverged["status"] == "diverged" and "is inf" in diverged["error"]
     assert all(math.isnan(diverged.get(m, math.nan)) for m in loaded.space.metrics)
+
+    assert len(data_gone_runs) == 1, runs  # a user error: no retry either
+    assert data_gone["status"] == "error"
+    assert data_gone["error"].endswith(f"train_data.files: {doomed_files!r} matches no file")
