@@ -183,15 +183,18 @@ def train(
     state = TrainState()
     window = TrainWindow()
     resumed = resume_from is not None
+    wandb_id: str | None = None
     if resume_from is not None:
-        _resume(load_checkpoint(resume_from, cfg), model, optimizer, state, window, cfg, world_size)
+        checkpoint_state = load_checkpoint(resume_from, cfg)
+        _resume(checkpoint_state, model, optimizer, state, window, cfg, world_size)
+        wandb_id = checkpoint_state.train_state.get("wandb_run_id")
     n_ctx = cfg.train_data.n_ctx
     rank_batch_size = _per_rank(cfg.batch_size, world_size)
     check_data_budget(cfg, tokenizer, world_size)
     if run_dir is not None:
         _check_writable(run_dir)
     # created after every check: a rejected config leaves no TensorBoard or W&B run behind
-    tracker = _tracker(cfg, run_dir) if is_main else Tracker()
+    tracker = _tracker(cfg, run_dir, state.step if resumed else None, wandb_id) if is_main else Tracker()
     n_used = cfg.n_grad_steps * cfg.samples_per_step  # whole optimizer steps only
     batches = iter_batches(
         cfg.train_data, tokenizer, rank_batch_size, n_used // world_size, "n_samples", rank, world_size
@@ -252,7 +255,7 @@ def train(
             tracker.log(alive, state.step)
         checkpoint = None
         if due.save and cfg.save_dir is not None:
-            json_state = _train_state_json(state, window, optimizer, world_size)  # every rank: collective
+            json_state = _train_state_json(state, window, optimizer, world_size, tracker)  # collective
             if run_dir is not None:
                 checkpoint = _save_checkpoint(run_dir, model, optimizer, cfg, state.step, json_state)
         if eval_metrics is not None or (due.save and cfg.save_dir is not None):
@@ -260,7 +263,7 @@ def train(
     progress.close()
     window.check_finite()
     # taken before the flush empties the log window: resuming the finished run gives the same metrics
-    final_state = _train_state_json(state, window, optimizer, world_size)
+    final_state = _train_state_json(state, window, optimizer, world_size, tracker)
     final = window.flush(None, optimizer.param_groups[0]["lr"], state, {}) if window.n_tokens else {}
     if cfg.eval_data is not None:
         final.update(_prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size)))
@@ -276,16 +279,22 @@ def train(
 
 
 def _train_state_json(
-    state: TrainState, window: TrainWindow, optimizer: torch.optim.Optimizer, world_size: int
+    state: TrainState,
+    window: TrainWindow,
+    optimizer: torch.optim.Optimizer,
+    world_size: int,
+    tracker: Tracker,
 ) -> dict[str, Any]:
-    """The trainer's part of a checkpoint (JSON): what `_resume` restores besides the tensors.
-    Collective under torch.distributed (the log window is averaged over ranks)."""
+    """The trainer's part of a checkpoint (JSON): what `_resume` restores besides the tensors,
+    and the W&B run id a resumed run continues. Collective under torch.distributed (the log
+    window is averaged over ranks)."""
     return {
         "step": state.step,
         "samples_seen": state.samples_seen,
         "world_size": world_size,
         "lr": optimizer.param_groups[0]["lr"],
         "window": window.to_json(),
+        "wandb_run_id": tracker.run_id,
     }
 
 
@@ -358,9 +367,10 @@ def _per_rank(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def _tracker(cfg: TrainConfig, run_dir: Path | None) -> Tracker:
+def _tracker(cfg: TrainConfig, run_dir: Path | None, resumed_at: int | None, wandb_id: str | None) -> Tracker:
     name = run_dir.name if run_dir else ""
-    return make_tracker(run_dir, cfg.tensorboard, cfg.wandb_project, name, cfg.model_dump(mode="json"))
+    config = cfg.model_dump(mode="json")
+    return make_tracker(run_dir, cfg.tensorboard, cfg.wandb_project, name, config, resumed_at, wandb_id)
 
 
 def _init_decoder_bias(

@@ -150,3 +150,51 @@ def train_tiny(cfg, bridge, **kwargs):
     from sparsify.trainer import train
 
     return train(cfg, tlens_model=bridge, show_progress=False, **kwargs)
+
+
+def test_resumed_run_logs_each_step_once_to_tensorboard(tiny_bridge, tiny_model_dir, corpus_dir, tmp_path):
+    """A run that crashes after its checkpoint (step 2) and one more step, then resumes from
+    step 2: TensorBoard shows each step once, with the uninterrupted run's values."""
+    from conftest import tiny_train_config
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sparsify.config import validate_config
+    from sparsify.trainer import train
+
+    def config(save_dir):
+        return validate_config(
+            tiny_train_config(
+                tiny_model_dir, corpus_dir, tmp_path, n_samples=64, batch_size=16, save_every_n_samples=32,
+                eval_every_n_samples=48, log_every_n_grad_steps=1, save_dir=str(save_dir), tensorboard=True,
+            )
+        )  # fmt: skip
+
+    def crash_at_step_3_eval(metrics, checkpoint):
+        if (
+            any(k.startswith("eval/") for k in metrics)
+            and checkpoint is None
+            and not crash_at_step_3_eval.done
+        ):
+            crash_at_step_3_eval.done = True
+            raise Interrupted()
+
+    crash_at_step_3_eval.done = False
+    whole = train(config(tmp_path / "whole"), tlens_model=tiny_bridge, show_progress=False)
+    cut = config(tmp_path / "cut")
+    with pytest.raises(Interrupted):
+        train(cut, tlens_model=tiny_bridge, show_progress=False, report=crash_at_step_3_eval)
+    resumed = train(
+        cut, tlens_model=tiny_bridge, show_progress=False, resume_from=tmp_path / "cut" / whole.run_dir.name
+    )
+
+    def scalars(run_dir, tag):
+        events = EventAccumulator(str(run_dir / "tensorboard"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    for tag in ("train/loss", "eval/kl"):
+        logged = scalars(resumed.run_dir, tag)
+        assert [step for step, _ in logged] == sorted({step for step, _ in logged}), (tag, logged)
+        expected = scalars(whole.run_dir, tag)
+        assert [step for step, _ in logged] == [step for step, _ in expected], tag
+        assert [value for _, value in logged] == pytest.approx([value for _, value in expected]), tag

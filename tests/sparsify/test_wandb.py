@@ -51,3 +51,35 @@ def test_offline_wandb_run_and_no_key_anywhere(
     assert len(written) > 5
     for path in written:
         assert FAKE_KEY.encode() not in path.read_bytes(), path
+
+
+def test_resumed_run_continues_its_wandb_run(
+    tiny_bridge, tiny_model_dir, corpus_dir, tmp_path, clean_wandb_env, monkeypatch
+):
+    """The W&B run id goes into the checkpoint; the resumed run logs to the same W&B run
+    (W&B then drops the steps it already has) instead of starting a second one."""
+    from sparsify.config import validate_config
+    from sparsify.trainer import train
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_at_checkpoint(metrics, checkpoint):
+        if checkpoint is not None:
+            raise Interrupted(checkpoint)
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = validate_config(
+        tiny_train_config(
+            tiny_model_dir, corpus_dir, tmp_path, wandb_project="sparsify-test", n_samples=32, batch_size=8,
+            save_every_n_samples=16, run_name="wb",
+        )
+    )  # fmt: skip
+    with pytest.raises(Interrupted):
+        train(cfg, tlens_model=tiny_bridge, show_progress=False, report=stop_at_checkpoint)
+    first = list((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))
+    assert len(first) == 1
+    run_id = first[0].name.rsplit("-", 1)[-1]
+    train(cfg, tlens_model=tiny_bridge, show_progress=False, resume_from=tmp_path / "runs" / "wb")
+    runs = list((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {run.name.rsplit("-", 1)[-1] for run in runs} == {run_id}
