@@ -169,8 +169,14 @@ def local_token_stream(data: DataConfig, tokenizer: Any) -> Int[Tensor, " n_toke
     return stream
 
 
-def _hub_sequences(data: DataConfig, tokenizer: Any) -> Iterator[list[int]]:
+def _hub_sequences(
+    data: DataConfig, tokenizer: Any, rank: int = 0, world_size: int = 1
+) -> Iterator[list[int]]:
+    """Sequences of n_ctx tokens packed from this rank's rows of a hub dataset: the shuffled
+    rows are dealt out by `datasets.distributed.split_dataset_by_node` (whole files per rank
+    when the files divide evenly), so each rank downloads and tokenizes only its own rows."""
     import datasets
+    from datasets.distributed import split_dataset_by_node
 
     assert data.dataset_name is not None
     try:
@@ -186,6 +192,8 @@ def _hub_sequences(data: DataConfig, tokenizer: Any) -> Iterator[list[int]]:
         docs = docs.shuffle(seed=data.seed)
     else:
         raise DataError(f"dataset_name: {data.dataset_name!r} split {data.split!r} is not one dataset")
+    if world_size > 1:
+        docs = split_dataset_by_node(docs, rank=rank, world_size=world_size)
     buffer: list[int] = []
     row: dict[str, Any]
     for row in docs:  # type: ignore[assignment]  # rows are dicts
@@ -203,16 +211,16 @@ def _hub_sequences(data: DataConfig, tokenizer: Any) -> Iterator[list[int]]:
 def iter_sequences(
     data: DataConfig, tokenizer: Any, rank: int = 0, world_size: int = 1
 ) -> Iterator[Int[Tensor, " n_ctx"]]:
-    """Shuffled sequences of n_ctx tokens; rank r of `world_size` gets every world_size-th one,
-    so no two ranks see the same sequence.
+    """Shuffled sequences of n_ctx tokens; no two ranks see the same sequence. Local data: rank
+    r of `world_size` gets every world_size-th sequence of the 1-rank order. Hub data: each
+    rank packs its own share of the rows (so the ranks' union differs from a 1-rank run's).
 
     Raises:
         DataError: unreadable or empty data (raised on first use).
     """
     if data.dataset_name is not None:
-        for i, seq in enumerate(_hub_sequences(data, tokenizer)):
-            if i % world_size == rank:
-                yield torch.tensor(seq, dtype=torch.long)
+        for seq in _hub_sequences(data, tokenizer, rank, world_size):
+            yield torch.tensor(seq, dtype=torch.long)
         return
     stream = local_token_stream(data, tokenizer)
     n_seqs = stream.numel() // data.n_ctx

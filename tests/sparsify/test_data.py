@@ -118,3 +118,29 @@ def test_pretokenized_local_rows_are_split_and_not_separated(tmp_path, tokenizer
     train, test, everything = stream("train"), stream("test"), stream("all")
     assert everything == list(range(480))  # rows joined as they are: no EOS between chunks
     assert 0 < len(test) < len(train) and sorted(train + test) == everything
+
+
+def test_dataset_name_ranks_tokenize_only_their_own_rows(tmp_path, tokenizer):
+    """With 2 DDP ranks, each rank streams and tokenizes only its own rows of a hub dataset
+    (not every row, keeping every second sequence): the ranks' rows are disjoint and together
+    are all rows."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    texts = [" ".join(f"word{i}" for _ in range(30)) for i in range(6)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    data = DataConfig(dataset_name=str(folder), n_ctx=4, seed=0)
+
+    class RecordingTokenizer:
+        def __init__(self):
+            self.texts = []
+            self.eos_token_id = tokenizer.eos_token_id
+
+        def __call__(self, text, **kwargs):
+            self.texts.append(text)
+            return tokenizer(text, **kwargs)
+
+    ranks = [RecordingTokenizer(), RecordingTokenizer()]
+    for rank, recorder in enumerate(ranks):
+        assert len(list(iter_sequences(data, recorder, rank, 2))) > 0
+    assert [len(r.texts) for r in ranks] == [3, 3]
+    assert sorted(ranks[0].texts + ranks[1].texts) == sorted(texts)
