@@ -43,8 +43,8 @@ class Tracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def close(self) -> None:
-        pass
+    def close(self, failed: bool = False) -> None:
+        """Flush and end the run; `failed`: training raised (W&B shows the run as failed)."""
 
 
 class TensorBoardTracker(Tracker):
@@ -62,7 +62,7 @@ class TensorBoardTracker(Tracker):
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(name, value, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -108,8 +108,8 @@ class WandbTracker(Tracker):
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MultiTracker(Tracker):
@@ -124,9 +124,9 @@ class MultiTracker(Tracker):
         for tracker in self.trackers:
             tracker.log(metrics, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         for tracker in self.trackers:
-            tracker.close()
+            tracker.close(failed)
 
 
 def make_tracker(

@@ -195,80 +195,84 @@ def train(
         _check_writable(run_dir)
     # created after every check: a rejected config leaves no TensorBoard or W&B run behind
     tracker = _tracker(cfg, run_dir, state.step if resumed else None, wandb_id) if is_main else Tracker()
-    n_used = cfg.n_grad_steps * cfg.samples_per_step  # whole optimizer steps only
-    batches = iter_batches(
-        cfg.train_data, tokenizer, rank_batch_size, n_used // world_size, "n_samples", rank, world_size
-    )
-    cached: Iterator[dict[str, torch.Tensor]] | None = None
-    if wants_activation_cache(cfg, model, n_used // world_size):
-        cached = activation_cache(model, cfg, batches, rank).batches(rank_batch_size)
-        batches = iter(())  # the cache replaces the token stream
-    if cfg.saes.decoder_bias_init == "data_mean" and not resumed:
-        if cached is not None:
-            first_acts = next(cached)
-            _init_decoder_bias(model, acts=first_acts)
-            cached = itertools.chain([first_acts], cached)
-        else:
-            first = next(batches)
-            _init_decoder_bias(model, tokens=first.to(device))
-            batches = itertools.chain([first], batches)
-    # micro-batches this rank trained on before the checkpoint: skipped, so the stream continues
-    done = state.step * cfg.grad_accum_steps
-    steps: Iterator[Any] = itertools.islice(cached if cached is not None else batches, done, None)
-    progress = tqdm(total=n_used * n_ctx, initial=state.tokens_seen(n_ctx), unit="tok", unit_scale=True,
-                    desc="train", disable=not (is_main and show_progress), dynamic_ncols=True)  # fmt: skip
-    for micro_step, batch in enumerate(steps, start=done):
-        if cached is not None:
-            terms, total, out = forward_backward(model, None, plan, cfg, state.step, cached_acts=batch)
-            shape = next(iter(batch.values())).shape
-        else:
-            terms, total, out = forward_backward(model, batch.to(device), plan, cfg, state.step)
-            shape = batch.shape
-        n_seqs, n_tokens = shape[0] * world_size, shape[0] * shape[1] * world_size
-        window.add(terms, total, n_tokens, state.step)
-        state.samples_seen += n_seqs
-        progress.update(n_tokens)
-        if (micro_step + 1) % cfg.grad_accum_steps:
-            del out  # frees the SAE activations before the next forward
-            continue
-        grad_norm = optimizer_step(model, optimizer, cfg, state.step)
-        state.step += 1
-        due = _due(cfg, state)
-        if due.log or due.eval or due.save:
-            window.check_finite()
-        if due.log:
-            lr = optimizer.param_groups[0]["lr"]
-            train_metrics = window.flush(grad_norm, lr, state, batch_sae_metrics(out))
-            tracker.log(train_metrics, state.step)
-            progress.set_postfix(
-                loss=f"{train_metrics['train/loss']:.4g}",
-                L0=f"{train_metrics[names.prefixed(names.TRAIN, names.L0)]:.1f}",
-                tok_s=f"{train_metrics[names.prefixed(names.TRAIN, names.TOKENS_PER_S)]:.0f}",
-            )
-        del out
-        eval_metrics: dict[str, float] | None = None
-        if due.eval and cfg.eval_data is not None:
-            eval_metrics = _prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size))
-            tracker.log(eval_metrics, state.step)
-        elif due.alive and cfg.eval_data is not None:  # eval counts them too
-            alive = _prefixed(names.EVAL, count_alive(model, cfg, tokenizer, rank, world_size))
-            tracker.log(alive, state.step)
-        checkpoint = None
-        if due.save and cfg.save_dir is not None:
-            json_state = _train_state_json(state, window, optimizer, world_size, tracker)  # collective
-            if run_dir is not None:
-                checkpoint = _save_checkpoint(run_dir, model, optimizer, cfg, state.step, json_state)
-        if eval_metrics is not None or (due.save and cfg.save_dir is not None):
-            report(eval_metrics or {}, checkpoint)
-    progress.close()
-    window.check_finite()
-    # taken before the flush empties the log window: resuming the finished run gives the same metrics
-    final_state = _train_state_json(state, window, optimizer, world_size, tracker)
-    final = window.flush(None, optimizer.param_groups[0]["lr"], state, {}) if window.n_tokens else {}
-    if cfg.eval_data is not None:
-        final.update(_prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size)))
-    final[names.prefixed(names.TRAIN, names.TOKENS_SEEN)] = state.tokens_seen(n_ctx)
-    tracker.log(final, state.step)
+    try:
+        n_used = cfg.n_grad_steps * cfg.samples_per_step  # whole optimizer steps only
+        batches = iter_batches(
+            cfg.train_data, tokenizer, rank_batch_size, n_used // world_size, "n_samples", rank, world_size
+        )
+        cached: Iterator[dict[str, torch.Tensor]] | None = None
+        if wants_activation_cache(cfg, model, n_used // world_size):
+            cached = activation_cache(model, cfg, batches, rank).batches(rank_batch_size)
+            batches = iter(())  # the cache replaces the token stream
+        if cfg.saes.decoder_bias_init == "data_mean" and not resumed:
+            if cached is not None:
+                first_acts = next(cached)
+                _init_decoder_bias(model, acts=first_acts)
+                cached = itertools.chain([first_acts], cached)
+            else:
+                first = next(batches)
+                _init_decoder_bias(model, tokens=first.to(device))
+                batches = itertools.chain([first], batches)
+        # micro-batches this rank trained on before the checkpoint: skipped, so the stream continues
+        done = state.step * cfg.grad_accum_steps
+        steps: Iterator[Any] = itertools.islice(cached if cached is not None else batches, done, None)
+        progress = tqdm(total=n_used * n_ctx, initial=state.tokens_seen(n_ctx), unit="tok", unit_scale=True,
+                        desc="train", disable=not (is_main and show_progress), dynamic_ncols=True)  # fmt: skip
+        for micro_step, batch in enumerate(steps, start=done):
+            if cached is not None:
+                terms, total, out = forward_backward(model, None, plan, cfg, state.step, cached_acts=batch)
+                shape = next(iter(batch.values())).shape
+            else:
+                terms, total, out = forward_backward(model, batch.to(device), plan, cfg, state.step)
+                shape = batch.shape
+            n_seqs, n_tokens = shape[0] * world_size, shape[0] * shape[1] * world_size
+            window.add(terms, total, n_tokens, state.step)
+            state.samples_seen += n_seqs
+            progress.update(n_tokens)
+            if (micro_step + 1) % cfg.grad_accum_steps:
+                del out  # frees the SAE activations before the next forward
+                continue
+            grad_norm = optimizer_step(model, optimizer, cfg, state.step)
+            state.step += 1
+            due = _due(cfg, state)
+            if due.log or due.eval or due.save:
+                window.check_finite()
+            if due.log:
+                lr = optimizer.param_groups[0]["lr"]
+                train_metrics = window.flush(grad_norm, lr, state, batch_sae_metrics(out))
+                tracker.log(train_metrics, state.step)
+                progress.set_postfix(
+                    loss=f"{train_metrics['train/loss']:.4g}",
+                    L0=f"{train_metrics[names.prefixed(names.TRAIN, names.L0)]:.1f}",
+                    tok_s=f"{train_metrics[names.prefixed(names.TRAIN, names.TOKENS_PER_S)]:.0f}",
+                )
+            del out
+            eval_metrics: dict[str, float] | None = None
+            if due.eval and cfg.eval_data is not None:
+                eval_metrics = _prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size))
+                tracker.log(eval_metrics, state.step)
+            elif due.alive and cfg.eval_data is not None:  # eval counts them too
+                alive = _prefixed(names.EVAL, count_alive(model, cfg, tokenizer, rank, world_size))
+                tracker.log(alive, state.step)
+            checkpoint = None
+            if due.save and cfg.save_dir is not None:
+                json_state = _train_state_json(state, window, optimizer, world_size, tracker)  # collective
+                if run_dir is not None:
+                    checkpoint = _save_checkpoint(run_dir, model, optimizer, cfg, state.step, json_state)
+            if eval_metrics is not None or (due.save and cfg.save_dir is not None):
+                report(eval_metrics or {}, checkpoint)
+        progress.close()
+        window.check_finite()
+        # taken before the flush empties the log window: resuming the finished run gives the same metrics
+        final_state = _train_state_json(state, window, optimizer, world_size, tracker)
+        final = window.flush(None, optimizer.param_groups[0]["lr"], state, {}) if window.n_tokens else {}
+        if cfg.eval_data is not None:
+            final.update(_prefixed(names.EVAL, evaluate(model, cfg, tokenizer, plan, rank, world_size)))
+        final[names.prefixed(names.TRAIN, names.TOKENS_SEEN)] = state.tokens_seen(n_ctx)
+        tracker.log(final, state.step)
+    except BaseException:  # a crash or divergence: TensorBoard flushes, W&B marks the run failed
+        tracker.close(failed=True)
+        raise
     tracker.close()
     if run_dir is not None:
         save_run(run_dir, model.saes.state_dict(), cfg, final)

@@ -82,4 +82,5 @@ def test_resumed_run_continues_its_wandb_run(
     run_id = first[0].name.rsplit("-", 1)[-1]
     train(cfg, tlens_model=tiny_bridge, show_progress=False, resume_from=tmp_path / "runs" / "wb")
     runs = list((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and {run.name.rsplit("-", 1)[-1] for run in runs} == {run_id}
+    # offline-run-<time>-<id>, with "-1" appended when the time is the same second
+    assert len(runs) == 2 and all(f"-{run_id}" in run.name for run in runs), runs
