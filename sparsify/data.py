@@ -188,12 +188,14 @@ def _hub_sequences(
         ) from None
     if isinstance(docs, datasets.IterableDataset):  # streaming
         docs = docs.shuffle(seed=data.seed, buffer_size=SHUFFLE_BUFFER)
+        if world_size > 1:
+            docs = split_dataset_by_node(docs, rank=rank, world_size=world_size)
     elif isinstance(docs, datasets.Dataset):
         docs = docs.shuffle(seed=data.seed)
+        if world_size > 1:
+            docs = split_dataset_by_node(docs, rank=rank, world_size=world_size)
     else:
         raise DataError(f"dataset_name: {data.dataset_name!r} split {data.split!r} is not one dataset")
-    if world_size > 1:
-        docs = split_dataset_by_node(docs, rank=rank, world_size=world_size)
     buffer: list[int] = []
     row: dict[str, Any]
     for row in docs:  # type: ignore[assignment]  # rows are dicts
