@@ -6,8 +6,8 @@ Term names: `sparsity`, `out_to_in`, `in_to_orig`, `out_to_orig`, `logits_kl`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +37,89 @@ def mse_loss(pred: Float[Tensor, "... d"], target: Float[Tensor, "... d"]) -> Fl
     return F.mse_loss(pred, target)
 
 
+KL_CHUNK_ELEMENTS = 2**26
+"""Token x vocab entries per block of the KL (256 MB in float32): its float32 temporaries stay
+this small however large the batch (e.g. one 1,024-token sequence of GPT-2's 50,257 tokens)."""
+
+
 def logits_kl_loss(
     orig_logits: Float[Tensor, "... vocab"], sae_logits: Float[Tensor, "... vocab"]
 ) -> Float[Tensor, ""]:
     """KL(P_orig || P_sae) of next-token distributions in nats, mean over tokens (DESIGN.md §4).
 
-    KL = sum_v p_orig(v) (log p_orig(v) - log p_sae(v)).
+    KL = sum_v p_orig(v) (log p_orig(v) - log p_sae(v)), computed in float32 whatever the
+    logits' dtype. Memory: block by block (about `KL_CHUNK_ELEMENTS` float32 entries of
+    temporaries at a time), and the forward stores only the gradient for the backward, in the
+    logits' dtype: the closed form d KL / d sae_logits = (p_sae - p_orig) / n_tokens (and,
+    should the original logits need one, p_orig (log p_orig - log p_sae - KL_token) / n_tokens).
+    Autograd through the formula would keep both log-softmaxes and more, in float32.
     """
-    orig_logprobs = F.log_softmax(orig_logits.float(), dim=-1)
-    sae_logprobs = F.log_softmax(sae_logits.float(), dim=-1)
-    kl = (orig_logprobs.exp() * (orig_logprobs - sae_logprobs)).sum(dim=-1)
-    return kl.mean()
+    return _LogitsKL.apply(orig_logits, sae_logits)  # type: ignore[no-any-return]
+
+
+def _blocks(shape: tuple[int, ...]) -> Iterator[tuple[slice, slice]]:
+    """(sequences, positions) slices covering a (batch, pos, vocab) tensor in blocks of about
+    KL_CHUNK_ELEMENTS entries: whole sequences when they fit, else parts of one."""
+    batch, positions, vocab = shape
+    per_sequence = max(positions * vocab, 1)
+    if per_sequence <= KL_CHUNK_ELEMENTS:
+        n = KL_CHUNK_ELEMENTS // per_sequence
+        for start in range(0, batch, n):
+            yield slice(start, min(start + n, batch)), slice(None)
+        return
+    size = max(1, KL_CHUNK_ELEMENTS // vocab)
+    for b in range(batch):
+        for start in range(0, positions, size):
+            yield slice(b, b + 1), slice(start, min(start + size, positions))
+
+
+def _as_3d(logits: Tensor) -> Tensor:
+    """(batch, pos, vocab) view of (..., vocab) logits (a copy only for 4+ dims that cannot merge)."""
+    if logits.dim() == 3:
+        return logits
+    if logits.dim() < 3:
+        return logits.reshape((1,) * (3 - logits.dim()) + tuple(logits.shape))
+    return logits.flatten(0, -3)
+
+
+class _LogitsKL(torch.autograd.Function):
+    """`logits_kl_loss`: block by block; the forward computes the gradients too."""
+
+    @staticmethod
+    def forward(ctx: Any, orig_logits: Tensor, sae_logits: Tensor) -> Tensor:
+        orig, sae = _as_3d(orig_logits), _as_3d(sae_logits)
+        n_tokens = max(orig.shape[0] * orig.shape[1], 1)
+        want_orig, want_sae = ctx.needs_input_grad
+        grad_orig = torch.empty(orig.shape, dtype=orig.dtype, device=orig.device) if want_orig else None
+        grad_sae = torch.empty(sae.shape, dtype=sae.dtype, device=sae.device) if want_sae else None
+        total = torch.zeros((), dtype=torch.float32, device=orig.device)
+        for seqs, pos in _blocks(tuple(orig.shape)):
+            orig_logprobs = F.log_softmax(orig[seqs, pos].float(), dim=-1)
+            sae_logprobs = F.log_softmax(sae[seqs, pos].float(), dim=-1)
+            orig_probs = orig_logprobs.exp()
+            log_ratio = orig_logprobs - sae_logprobs
+            per_token = (orig_probs * log_ratio).sum(dim=-1, keepdim=True)
+            total += per_token.sum()
+            if grad_sae is not None:
+                grad_sae[seqs, pos] = (sae_logprobs.exp() - orig_probs) / n_tokens
+            if grad_orig is not None:
+                grad_orig[seqs, pos] = orig_probs * (log_ratio - per_token) / n_tokens
+        ctx.grad_shapes = (orig_logits.shape, sae_logits.shape)
+        ctx.save_for_backward(
+            grad_orig if grad_orig is not None else torch.empty(0),
+            grad_sae if grad_sae is not None else torch.empty(0),
+        )
+        return total / n_tokens
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        grad_orig, grad_sae = ctx.saved_tensors
+        want_orig, want_sae = ctx.needs_input_grad
+        orig_shape, sae_shape = ctx.grad_shapes
+        return (
+            (grad_orig * grad_output).view(orig_shape) if want_orig else None,
+            (grad_sae * grad_output).view(sae_shape) if want_sae else None,
+        )
 
 
 LossFn = TypeVar("LossFn", bound=Callable[..., Tensor])
