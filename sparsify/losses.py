@@ -112,7 +112,7 @@ class _LogitsKL(torch.autograd.Function):
         return total / n_tokens
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None]:  # pyright: ignore[reportIncompatibleMethodOverride]
         grad_orig, grad_sae = ctx.saved_tensors
         want_orig, want_sae = ctx.needs_input_grad
         orig_shape, sae_shape = ctx.grad_shapes
