@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", nargs=2, metavar=("ARM", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help="append JSON lines here (also printed)")
     args = parser.parse_args(argv)
+    if len(set(args.batch_sizes)) != 2:
+        parser.error("--batch-sizes: give two different batch sizes (the slope needs two points)")
     if args.worker:
         print(json.dumps(measure(args.worker[0], int(args.worker[1]), args.compile)))
         return 0

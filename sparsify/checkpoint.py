@@ -108,8 +108,9 @@ TRAIN_STATE_FILE = "train_state.json"
 """Step, samples seen, world size, the open log window and the optimizer's non-tensor state.
 In a run folder it marks a finished run: written last, after the final weights and metrics."""
 CHECKPOINT_FORMAT = 1
-RESUME_FREE_FIELDS = ("save_dir", "run_name", "device", "tensorboard", "wandb_project")
-"""Config fields a resumed run may change: where it writes and logs, and the device."""
+RESUME_FREE_FIELDS = ("save_dir", "run_name", "device", "tensorboard", "wandb_project", "compile")
+"""Config fields a resumed run may change: where it writes and logs, the device, and whether
+it is compiled (same maths)."""
 
 
 def step_checkpoint_dir(run_dir: Path, step: int) -> Path:

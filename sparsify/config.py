@@ -40,19 +40,38 @@ class StrictModel(BaseModel):
     @classmethod
     def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic's lax mode reads `lr: true` as 1.0; YAML's `1e-3` (a string) stays accepted
-        if isinstance(value, bool) and info.field_name is not None:
-            if _takes_number_not_bool(cls.model_fields[info.field_name].annotation):
-                raise ValueError("expected a number, not a boolean")
+        if info.field_name is not None and _boolean_for_a_number(
+            cls.model_fields[info.field_name].annotation, value
+        ):
+            raise ValueError("expected a number, not a boolean")
         return value
 
 
-def _takes_number_not_bool(annotation: Any) -> bool:
-    options = (
-        typing.get_args(annotation)
-        if typing.get_origin(annotation) in (typing.Union, UnionType)
-        else (annotation,)
-    )
-    return bool not in options and any(option in (int, float) for option in options)
+def _options(annotation: Any) -> tuple[Any, ...]:
+    """The types a field accepts: union members, with `Annotated[...]` metadata stripped."""
+    if typing.get_origin(annotation) is Annotated:
+        return _options(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, UnionType):
+        return tuple(option for member in typing.get_args(annotation) for option in _options(member))
+    return (annotation,)
+
+
+def _boolean_for_a_number(annotation: Any, value: Any) -> bool:
+    """True when `value` is a boolean (or a list holding one) where the annotation wants numbers."""
+    options = _options(annotation)
+    if isinstance(value, bool):
+        return bool not in options and any(option in (int, float) for option in options)
+    if isinstance(value, list):
+        item_types = [
+            typing.get_args(o)[0] for o in options if typing.get_origin(o) is list and typing.get_args(o)
+        ]
+        return any(_boolean_for_a_number(item_type, item) for item_type in item_types for item in value)
+    return False
+
+
+def _yaml_on_off(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted `on` / `off` as true / false: give choice fields their word back."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
@@ -246,6 +265,12 @@ class TrainConfig(StrictModel):
     break the graph."""
     tensorboard: bool = True
     """Write TensorBoard event files into the run folder."""
+
+    @field_validator("autocast", "activation_cache", mode="before")
+    @classmethod
+    def _on_off_unquoted(cls, value: Any) -> Any:
+        return _yaml_on_off(value)
+
     wandb_project: str | None = None
     """Log to this W&B project (needs `pip install wandb`)."""
 
@@ -364,8 +389,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first_line: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: PyYAML merges it
+                continue
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            if key == "<<" or not isinstance(key, typing.Hashable):
+            if not isinstance(key, typing.Hashable):
                 continue
             if key in first_line:
                 raise yaml.constructor.ConstructorError(

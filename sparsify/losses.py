@@ -54,6 +54,8 @@ def logits_kl_loss(
     should the original logits need one, p_orig (log p_orig - log p_sae - KL_token) / n_tokens).
     Autograd through the formula would keep both log-softmaxes and more, in float32.
     """
+    if orig_logits.shape != sae_logits.shape:
+        raise ValueError(f"logits shapes differ: {tuple(orig_logits.shape)} and {tuple(sae_logits.shape)}")
     return _LogitsKL.apply(orig_logits, sae_logits)  # type: ignore[no-any-return]
 
 
@@ -129,9 +131,9 @@ LossFn = TypeVar("LossFn", bound=Callable[..., Tensor])
 def compiled(fn: LossFn) -> LossFn:
     """`torch.compile` of a loss function, built once per process (`TrainConfig.compile`).
 
-    For `logits_kl_loss` this fuses both log-softmaxes, the exp and the sum into one kernel, so
-    no (batch, pos, vocab) float32 intermediate is stored for the backward; 3.5x faster than
-    eager on CPU at (4, 128, 49152). Same values to float32 rounding.
+    For `logits_kl_loss` the log-softmaxes, the KL and its closed-form gradient of each block
+    fuse into a few kernels: 0.4 s against 3.1-3.6 s eager for its forward and backward on CPU
+    at (8, 128, 49152). Same values to float32 rounding.
     """
     return torch.compile(fn)  # type: ignore[return-value]
 

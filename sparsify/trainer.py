@@ -194,7 +194,9 @@ def train(
     if run_dir is not None:
         _check_writable(run_dir)
     # created after every check: a rejected config leaves no TensorBoard or W&B run behind
-    tracker = _tracker(cfg, run_dir, state.step if resumed else None, wandb_id) if is_main else Tracker()
+    # a resumed finished run logs its final metrics at its last step again: purge that step too
+    resumed_at = (state.step if state.step < cfg.n_grad_steps else state.step - 1) if resumed else None
+    tracker = _tracker(cfg, run_dir, resumed_at, wandb_id) if is_main else Tracker()
     try:
         n_used = cfg.n_grad_steps * cfg.samples_per_step  # whole optimizer steps only
         batches = iter_batches(
@@ -271,7 +273,10 @@ def train(
         final[names.prefixed(names.TRAIN, names.TOKENS_SEEN)] = state.tokens_seen(n_ctx)
         tracker.log(final, state.step)
     except BaseException:  # a crash or divergence: TensorBoard flushes, W&B marks the run failed
-        tracker.close(failed=True)
+        try:
+            tracker.close(failed=True)
+        except Exception as close_error:  # never hide the training error behind a logging one
+            logger.warning("closing the tracker after a failed run failed too: %s", close_error)
         raise
     tracker.close()
     if run_dir is not None:

@@ -76,9 +76,10 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     Returns:
         The outcome, which Ray Train hands to the driver as rank 0's `Result.return_value`:
         `{"status": "finished", "metrics": {...}}`, `{"status": "diverged", "error": "..."}`
-        or, for a user error (`SparsifyError`, not transient), `{"status": "error", ...}`:
-        returned, not raised, because Ray Train retries what is raised, and neither would end
-        differently on a retry (every rank diverges or fails at the same check).
+        or, for a user error (`SparsifyError`, not transient) in a 1-worker trial,
+        `{"status": "error", ...}`: returned, not raised, because Ray Train retries what is
+        raised, and neither would end differently on a retry (every rank diverges at the same
+        check; with several ranks a user error is raised, since it may be one rank's alone).
     """
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -105,8 +106,11 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     except DivergedError as exc:
         return {"status": STATUS_DIVERGED, "error": str(exc)}
     except SparsifyError as exc:
-        if exc.transient:
-            raise  # Ray Train restarts the worker group (FailureConfig)
+        if exc.transient or world_size > 1:
+            # transient: Ray Train restarts the worker group (FailureConfig). Several ranks:
+            # the error may be this rank's alone while the others wait in an all-reduce, and
+            # only a raise makes Ray stop them (a retry then fails fast the same way)
+            raise
         # the same config would fail the same way: end the trial now, one line, no retries
         return {"status": STATUS_ERROR, "error": str(exc)}
     return {"status": STATUS_FINISHED, "metrics": result.metrics}

@@ -192,6 +192,8 @@ def test_resumed_run_logs_each_step_once_to_tensorboard(tiny_bridge, tiny_model_
         events.Reload()
         return [(e.step, e.value) for e in events.Scalars(tag)]
 
+    # resuming the finished run trains nothing and logs its final metrics again: still once per step
+    train(cut, tlens_model=tiny_bridge, show_progress=False, resume_from=resumed.run_dir)
     for tag in ("train/loss", "eval/kl"):
         logged = scalars(resumed.run_dir, tag)
         assert [step for step, _ in logged] == sorted({step for step, _ in logged}), (tag, logged)

@@ -1,6 +1,6 @@
 import pytest
 
-from sparsify.config import TrainConfig, load_config, validate_config
+from sparsify.config import TrainConfig, load_config, read_yaml, validate_config
 from sparsify.errors import ConfigError
 
 VALID = """\
@@ -128,3 +128,29 @@ def test_a_key_given_twice_names_both_lines(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == f"{path}:8: YAML syntax error: duplicate key 'lr' (first on line 7)"
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    text = VALID.replace("loss:\n", "defaults: &d {coeff: 2.0}\nloss:\n", 1).replace(
+        "sparsity: {coeff: 1.0}", "sparsity: {<<: *d, p_norm: 1.0}"
+    )
+    cfg = validate_config({k: v for k, v in read_yaml(write(tmp_path, text)).items() if k != "defaults"})
+    assert cfg.loss.sparsity is not None and cfg.loss.sparsity.coeff == 2.0
+
+
+def test_unquoted_on_and_off_read_as_the_words(tmp_path):
+    cfg = load_config(write(tmp_path, VALID + "autocast: off\nactivation_cache: on\n"))
+    assert (cfg.autocast, cfg.activation_cache) == ("off", "on")
+
+
+def test_a_boolean_inside_a_list_of_numbers_or_an_optional_seed_is_caught():
+    from sparsify.config import validate_model
+    from sparsify.models.mlp import MLPConfig
+
+    with pytest.raises(ConfigError, match=r"hidden_sizes: expected a number, not a boolean"):
+        validate_model(MLPConfig, {"hidden_sizes": [64, True]}, "mlp.yaml")
+    with pytest.raises(ConfigError, match=r"train_data.seed: expected a number, not a boolean"):
+        validate_config(
+            {"saes": {"sae_positions": ["blocks.1.hook_resid_pre"]}, "loss": {"sparsity": {"coeff": 1.0}, "logits_kl": {"coeff": 1.0}},
+             "n_samples": 8, "train_data": {"embedded": "sotu", "seed": True}}
+        )  # fmt: skip

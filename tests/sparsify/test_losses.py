@@ -84,6 +84,11 @@ def test_logits_kl_of_bf16_logits_computes_in_float32_and_returns_bf16_gradients
     assert value.item() == pytest.approx(_plain_kl(orig.float(), sae.float()).item(), rel=1e-5)
 
 
+def test_logits_kl_refuses_logits_of_different_shapes():
+    with pytest.raises(ValueError, match=r"logits shapes differ: \(1, 5, 7\) and \(3, 5, 7\)"):
+        logits_kl_loss(torch.randn(1, 5, 7), torch.randn(3, 5, 7))
+
+
 def test_weighted_total_uses_each_coefficient():
     cfg = LossConfig.model_validate(
         {
