@@ -215,7 +215,9 @@ def iter_sequences(
 ) -> Iterator[Int[Tensor, " n_ctx"]]:
     """Shuffled sequences of n_ctx tokens; no two ranks see the same sequence. Local data: rank
     r of `world_size` gets every world_size-th sequence of the 1-rank order. Hub data: each
-    rank packs its own share of the rows (so the ranks' union differs from a 1-rank run's).
+    rank packs its own share of the rows (so the ranks' union differs from a 1-rank run's, and
+    ranks with longer rows hold more sequences: near the end of a small hub split one rank can
+    run out first, which raises on that rank and stops the DDP run).
 
     Raises:
         DataError: unreadable or empty data (raised on first use).
