@@ -182,10 +182,12 @@ def _hub_sequences(
     try:
         docs = datasets.load_dataset(data.dataset_name, split=data.split, streaming=data.streaming)
     except Exception as exc:  # no network, unknown name, unknown split
-        raise DataUnavailableError(
-            f"dataset_name: cannot load {data.dataset_name!r} split {data.split!r}: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-        ) from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = f"dataset_name: cannot load {data.dataset_name!r} split {data.split!r}: {reason}"
+        # an unknown name or split fails the same way again; anything else may be the network
+        if isinstance(exc, (FileNotFoundError, ValueError)):
+            raise DataError(message) from None
+        raise DataUnavailableError(message) from None
     if isinstance(docs, datasets.IterableDataset):  # streaming
         docs = docs.shuffle(seed=data.seed, buffer_size=SHUFFLE_BUFFER)
         if world_size > 1:

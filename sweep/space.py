@@ -75,9 +75,13 @@ class Distribution(StrictModel):
         return [self.low, self.high]
 
     def contains(self, value: Any) -> bool:
-        if self.type == "categorical":
-            return value in (self.values or [])
-        if not isinstance(value, (int, float)) or (self.type == "int" and not float(value).is_integer()):
+        if self.type == "categorical":  # True == 1 in Python: a boolean matches only a boolean
+            return any(
+                v == value and isinstance(v, bool) == isinstance(value, bool) for v in self.values or []
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and not float(value).is_integer():
             return False
         return (self.low or 0.0) <= value <= (self.high or 0.0)
 

@@ -104,6 +104,14 @@ def test_unreachable_dataset_name_is_one_line(tmp_path, tokenizer):
     data = DataConfig(dataset_name=str(tmp_path / "no-such-dataset"), n_ctx=4)
     with pytest.raises(DataError, match=r"^dataset_name: cannot load .*no-such-dataset") as info:
         next(iter_sequences(data, tokenizer))
+    assert not info.value.transient  # not there: a sweep does not retry the trial
+
+
+def test_unreachable_hub_is_a_transient_data_error(tokenizer):
+    # the tests run with HF_HUB_OFFLINE=1: the hub answers like a network failure
+    data = DataConfig(dataset_name="apollo-research/Skylion007-openwebtext-tokenizer-gpt2", n_ctx=4)
+    with pytest.raises(DataError, match=r"^dataset_name: cannot load .*Couldn't reach") as info:
+        next(iter_sequences(data, tokenizer))
     assert info.value.transient  # maybe the network: a sweep retries the trial
 
 

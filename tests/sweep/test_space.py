@@ -116,6 +116,10 @@ def test_initial_points_come_first_and_must_match_the_search(tmp_path):
     tree["arms"]["local"]["initial_points"] = [{"lr": 1e-3}]
     with pytest.raises(ConfigError, match=r"initial_points\[0\] must set exactly the searched paths"):
         load_search_space(write(tmp_path, tree))
+    # True == 1 in Python, and 1 is inside [0.1, 10]: a boolean is still not a coefficient
+    tree["arms"]["local"]["initial_points"] = [{"loss.sparsity.coeff": True}]
+    with pytest.raises(ConfigError, match=r"loss.sparsity.coeff = True is outside its search range"):
+        load_search_space(write(tmp_path, tree))
 
 
 def test_sweep_without_eval_data_is_rejected(tmp_path):
