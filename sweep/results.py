@@ -92,26 +92,32 @@ def read_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str
     Raises:
         ValueError: If `arm` or `trial_id` is not a plain name (see `trial_record_path`).
     """
-    path = trial_record_path(sweep_dir, arm, trial_id)
+    return _load_record(trial_record_path(sweep_dir, arm, trial_id))
+
+
+def _load_record(path: Path) -> dict[str, Any] | None:
+    """A record file's JSON object, or None: missing (silently), unreadable or not an object
+    (with a warning)."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        logger.warning("ignoring unreadable trial record %s: %s", path, exc)
+        logger.warning("skipping unreadable trial record %s: %s", path, exc)
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        logger.warning("skipping trial record %s: not a JSON object", path)
+        return None
+    return record
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
     """One record as a flat row, or None (with a warning) when it cannot be used."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        logger.warning("skipping unreadable trial record %s: %s", path, exc)
+    record = _load_record(path)
+    if record is None:
         return None
-    if not isinstance(record, dict) or "status" not in record:
-        logger.warning("skipping trial record %s: not an object with a 'status'", path)
+    if "status" not in record:
+        logger.warning("skipping trial record %s: no 'status'", path)
         return None
     metrics = record.get("metrics") or {}
     params = record.get("params") or {}

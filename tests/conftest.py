@@ -116,3 +116,14 @@ def tiny_train_config(model_dir: Path, corpus: Path, tmp_path: Path, **overrides
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
+
+
+def checkpointed_sweep_base(model_dir: Path, corpus: Path, tmp_path: Path) -> dict:
+    """A search space's base_config for the tiny model without a loss (each arm sets its own):
+    4 optimizer steps of 2 micro-batches, a resume checkpoint after step 2, no log until the end."""
+    base = tiny_train_config(
+        model_dir, corpus, tmp_path, n_samples=64, batch_size=8, effective_batch_size=16,
+        save_every_n_samples=32, log_every_n_grad_steps=100,
+    )  # fmt: skip
+    del base["loss"]
+    return base

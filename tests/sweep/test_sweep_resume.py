@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import tiny_train_config
+from conftest import checkpointed_sweep_base
 
 from sparsify import metric_names as names
 from sweep.results import load_results
@@ -94,11 +94,7 @@ def wait_for_no_processes(tag: str, timeout_s: float) -> list[int]:
 
 
 def test_killed_sweep_resumes_keeping_ended_trials(tiny_model_dir, corpus_dir, tmp_path):
-    base = tiny_train_config(
-        tiny_model_dir, corpus_dir, tmp_path, n_samples=64, batch_size=8, effective_batch_size=16,
-        save_every_n_samples=32, log_every_n_grad_steps=100,
-    )  # fmt: skip
-    del base["loss"]
+    base = checkpointed_sweep_base(tiny_model_dir, corpus_dir, tmp_path)
     space = {
         "name": "resumable",
         "storage_path": str(tmp_path / "sweeps"),

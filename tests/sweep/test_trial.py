@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_corpus, tiny_train_config
+from conftest import checkpointed_sweep_base, make_corpus
 
 from sparsify.checkpoint import SAE_WEIGHTS, load_sae_weights
 from sparsify.trainer import train
@@ -90,11 +90,7 @@ def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_or_bad_trial_is
     make_corpus(doomed)
     doomed_files = str(doomed / "*.txt")
     # 4 optimizer steps, a checkpoint after step 2: the crash comes right after it
-    base = tiny_train_config(
-        tiny_model_dir, corpus_dir, tmp_path, n_samples=64, batch_size=8, effective_batch_size=16,
-        save_every_n_samples=32, log_every_n_grad_steps=100,
-    )  # fmt: skip
-    del base["loss"]
+    base = checkpointed_sweep_base(tiny_model_dir, corpus_dir, tmp_path)
     space = {
         "name": "failures",
         "storage_path": str(tmp_path / "sweeps"),
