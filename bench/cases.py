@@ -13,7 +13,7 @@ H200_BF16_DENSE_PEAK = 989.4e12
 
 ARMS = ("local", "e2e", "e2e_ds")
 """local: sparsity + MSE(out, in); e2e: sparsity + KL; e2e_ds: e2e + MSE at every later
-hook_resid_pre (DESIGN.md §4). Coefficients do not change the cost of a step."""
+hook_resid_pre (docs/design.md §4). Coefficients do not change the cost of a step."""
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,10 @@ def measure(arm: str, batch_size: int, compiled: bool) -> dict:
     import torch
 
     from bench.ours import random_model, train_config
-    from sparsify.evaluation import make_loss_plan
-    from sparsify.trainer import build_model, forward_backward, optimizer_step
+    from sparsify.training.batches import MicroBatch
+    from sparsify.training.build import build_model
+    from sparsify.training.objective import make_loss_plan
+    from sparsify.training.trainer import forward_backward, optimizer_step
 
     case = dataclasses.replace(CASE, device="cpu", batch_size=batch_size)
     cfg = train_config(case, arm, "float32", compiled).model_copy(update={"device": "cpu"})
@@ -41,7 +43,7 @@ def measure(arm: str, batch_size: int, compiled: bool) -> dict:
     optimizer = torch.optim.Adam(model.saes.parameters(), lr=cfg.lr)
     tokens = torch.randint(0, case.shape.d_vocab, (batch_size, case.seq_len))
     for step in range(2):  # the second step holds Adam's state during its forward and backward
-        forward_backward(model, tokens, plan, cfg, step)
+        forward_backward(model, MicroBatch(tokens), plan, cfg)
         optimizer_step(model, optimizer, cfg, step)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return {"arm": arm, "batch_size": batch_size, "peak_rss_gib": peak_gib}

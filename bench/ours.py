@@ -20,18 +20,22 @@ import torch
 
 from bench.cases import ARMS, CASES, Case
 from bench.timing import emit, record, release, time_steps
-from sparsify.activation_cache import activation_cache
 from sparsify.config import EMBEDDED_MODEL_NAME, TrainConfig
-from sparsify.evaluation import batch_sae_metrics, make_loss_plan
 from sparsify.model_loading import bridge_from_hf, load_tlens_model
-from sparsify.trainer import TrainState, TrainWindow, build_model, forward_backward, optimizer_step
+from sparsify.training.activation_cache import activation_cache
+from sparsify.training.batches import MicroBatch
+from sparsify.training.build import build_model
+from sparsify.training.evaluation import batch_sae_metrics
+from sparsify.training.objective import make_loss_plan
+from sparsify.training.state import TrainWindow
+from sparsify.training.trainer import forward_backward, optimizer_step
 
 PRECISIONS = {"float32": "off", "bf16-autocast": "bfloat16"}
 """Our precision names -> the `autocast` config field."""
 
 
 def loss_config(case: Case, arm: str) -> dict[str, Any]:
-    """The paper's three arms (DESIGN.md §4); coefficients do not change a step's cost."""
+    """The paper's three arms (docs/design.md §4); coefficients do not change a step's cost."""
     loss: dict[str, Any] = {"sparsity": {"coeff": 1.0}}
     if arm == "local":
         loss["out_to_in"] = {"coeff": 1.0}
@@ -134,14 +138,14 @@ def time_arm(
 
     def step(tokens: torch.Tensor, index: int) -> None:  # the trainer's loop body
         if cached is not None:
-            terms, total, out = forward_backward(model, None, plan, cfg, index, cached_acts=next(cached))
+            terms, total, out = forward_backward(model, MicroBatch(None, next(cached)), plan, cfg)
         else:
-            terms, total, out = forward_backward(model, tokens, plan, cfg, index)
+            terms, total, out = forward_backward(model, MicroBatch(tokens), plan, cfg)
         window.add(terms, total, tokens.numel(), index)
         grad_norm = optimizer_step(model, optimizer, cfg, index)
         if (index + 1) % cfg.log_every_n_grad_steps == 0:
             window.check_finite()
-            window.flush(grad_norm, cfg.lr, TrainState(), batch_sae_metrics(out))
+            window.flush(grad_norm, cfg.lr, batch_sae_metrics(out))
 
     times = time_steps(step, case, warmup, steps)
     impl = "ours, activation cache" if cache else "ours" if resume else "ours, no resume"

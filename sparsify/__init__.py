@@ -1,7 +1,7 @@
 """sparsify: train local, end-to-end and e2e+downstream SAEs on TransformerLens models.
 
 The public API, re-exported lazily so that torch-free modules (`sparsify.metric_names`) can be
-imported without importing torch. `train` itself is `sparsify.trainer.train`: `sparsify.train` is
+imported without importing torch. `train` itself is `sparsify.training.trainer.train`: `sparsify.train` is
 the command-line module, which would shadow an attribute of that name once imported.
 """
 
@@ -17,19 +17,19 @@ _EXPORTS = {
     "DataConfig": "sparsify.config",
     "load_config": "sparsify.config",
     "validate_config": "sparsify.config",
-    "read_yaml": "sparsify.config",
+    "read_yaml": "sparsify.schema",
     "EMBEDDED_MODEL_NAME": "sparsify.config",
     "SAE": "sparsify.sae",
     "SAETransformer": "sparsify.sae_transformer",
-    "TrainResult": "sparsify.trainer",
-    "build_model": "sparsify.trainer",
-    "run_dir_for": "sparsify.trainer",
+    "TrainResult": "sparsify.training.trainer",
+    "build_model": "sparsify.training.trainer",
+    "run_dir_for": "sparsify.training.trainer",
     "load_tlens_model": "sparsify.model_loading",
     "quiet_library_progress_bars": "sparsify.model_loading",
     "prepare": "sparsify.prefetch",
-    "load_env_file": "sparsify.tracking",
+    "load_env_file": "sparsify.training.tracking",
     "export_saelens": "sparsify.export",
-    "ENV_FILE": "sparsify.tracking",
+    "ENV_FILE": "sparsify.training.tracking",
     "load_tokenizer": "sparsify.model_loading",
     "SparsifyError": "sparsify.errors",
     "ConfigError": "sparsify.errors",
@@ -38,6 +38,15 @@ _EXPORTS = {
     "HookNameError": "sparsify.errors",
     "MissingPackageError": "sparsify.errors",
     "DivergedError": "sparsify.errors",
+    # used by `sweep` (general plumbing, not SAE math)
+    "train": "sparsify.training.trainer",
+    "StrictModel": "sparsify.schema",
+    "validate_model": "sparsify.schema",
+    "SAFE_NAME": "sparsify.schema",
+    "Seed": "sparsify.schema",
+    "atomic_write_text": "sparsify.atomic",
+    "atomic_write_with": "sparsify.atomic",
+    "redact": "sparsify.redaction",
 }
 
 __all__ = sorted(_EXPORTS)  # pyright: ignore[reportUnsupportedDunderAll]

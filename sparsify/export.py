@@ -2,7 +2,7 @@
 
 One folder per SAE position, named by its hook (`OUT_DIR/blocks.6.hook_resid_pre/`), holding
 `cfg.json` and `sae_weights.safetensors` as SAELens 6 writes them for a `standard` (ReLU) SAE;
-`sae_lens.SAE.load_from_disk(folder)` loads it and gives our codes and outputs (DESIGN.md §3).
+`sae_lens.SAE.load_from_disk(folder)` loads it and gives our codes and outputs (docs/design.md §3).
 User mistakes print `error: ...` and exit 2.
 """
 
@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sparsify import checkpoint
 from sparsify.atomic import atomic_write_text, atomic_write_with
 from sparsify.config import TrainConfig
 from sparsify.errors import ConfigError, HookNameError, SparsifyError
 from sparsify.hooks import hook_to_key
-from sparsify.redact import redact
+from sparsify.redaction import redact
 from sparsify.sae import SAE
+from sparsify.training import checkpoint
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -40,7 +40,7 @@ def saelens_state(sae: SAE) -> dict[str, Tensor]:
     SAELens computes codes = ReLU(x @ W_enc + b_enc) and sae_out = codes @ W_dec + b_dec, so
     W_enc is our encoder weight transposed and W_dec our unit-norm dictionary elements
     transposed: the stored decoder weight need not have unit columns, the SAE normalizes them
-    inside forward (DESIGN.md §3), so exporting it raw would change the outputs.
+    inside forward (docs/design.md §3), so exporting it raw would change the outputs.
 
     Returns:
         `W_enc` (d_in, n_dict), `b_enc` (n_dict), `W_dec` (n_dict, d_in), `b_dec` (d_in); float32,

@@ -1,4 +1,4 @@
-"""Loss terms: one pure function each, plus the weighted total (DESIGN.md §4).
+"""Loss terms: one pure function each, plus the weighted total (docs/design.md §4).
 
 Term names: `sparsity`, `out_to_in`, `in_to_orig`, `out_to_orig`, `logits_kl`.
 """
@@ -18,7 +18,7 @@ from sparsify.config import LossConfig
 
 
 def sparsity_loss(codes: Float[Tensor, "... n_dict"], p_norm: float, d_in: int) -> Float[Tensor, ""]:
-    """Mean over tokens of ||codes||_p, divided by d_in (DESIGN.md §4, sparsity row).
+    """Mean over tokens of ||codes||_p, divided by d_in (docs/design.md §4, sparsity row).
 
     Args:
         codes: SAE latent activations, any leading token dims.
@@ -29,7 +29,7 @@ def sparsity_loss(codes: Float[Tensor, "... n_dict"], p_norm: float, d_in: int) 
 
 
 def mse_loss(pred: Float[Tensor, "... d"], target: Float[Tensor, "... d"]) -> Float[Tensor, ""]:
-    """Mean squared error over every element (so per token and per dimension; DESIGN.md §4).
+    """Mean squared error over every element (so per token and per dimension; docs/design.md §4).
 
     Used for out_to_in (pred = SAE output, target = SAE input), out_to_orig and each hook of
     in_to_orig.
@@ -45,7 +45,7 @@ this small however large the batch (e.g. one 1,024-token sequence of GPT-2's 50,
 def logits_kl_loss(
     orig_logits: Float[Tensor, "... vocab"], sae_logits: Float[Tensor, "... vocab"]
 ) -> Float[Tensor, ""]:
-    """KL(P_orig || P_sae) of next-token distributions in nats, mean over tokens (DESIGN.md §4).
+    """KL(P_orig || P_sae) of next-token distributions in nats, mean over tokens (docs/design.md §4).
 
     KL = sum_v p_orig(v) (log p_orig(v) - log p_sae(v)), computed in float32 whatever the
     logits' dtype. Memory: block by block (about `KL_CHUNK_ELEMENTS` float32 entries of
@@ -139,7 +139,7 @@ def compiled(fn: LossFn) -> LossFn:
 
 
 def weighted_total(terms: dict[str, Float[Tensor, ""]], loss_cfg: LossConfig) -> Float[Tensor, ""]:
-    """Total loss = sum over configured terms of coeff * term (DESIGN.md §4).
+    """Total loss = sum over configured terms of coeff * term (docs/design.md §4).
 
     Per-position terms (sparsity, out_to_in, out_to_orig) arrive already summed over SAE
     positions, and `in_to_orig` as the mean over its hooks, so

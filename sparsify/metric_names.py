@@ -1,4 +1,4 @@
-"""Every metric name, defined once (DESIGN.md §5).
+"""Every metric name, defined once (docs/design.md §5).
 
 Torch-free on purpose: `sweep.pareto` and `sweep.report` import these names without pulling in
 torch. Metric functions in `sparsify.metrics` return plain numbers keyed by the bare names; the
@@ -58,5 +58,22 @@ EVAL_KL = prefixed(EVAL, KL)
 EVAL_CE_SAE = prefixed(EVAL, CE_SAE)
 EVAL_CE_ORIG = prefixed(EVAL, CE_ORIG)
 
-# the sweep's default objectives (DESIGN.md §7): both minimized
+# the sweep's default objectives (docs/design.md §7): both minimized
 DEFAULT_OBJECTIVES = (EVAL_L0, EVAL_CE_LOSS_INCREASE)
+
+PRODUCED_EVAL_METRICS = (
+    EVAL_L0,
+    EVAL_CE_LOSS_INCREASE,
+    EVAL_ALIVE,
+    EVAL_KL,
+    EVAL_CE_SAE,
+    prefixed(EVAL, TOP1_AGREEMENT),
+    prefixed(EVAL, TOTAL_VARIATION),
+)
+"""Eval metrics every training run reports (summed over SAE positions), so a sweep's
+objectives may name them."""
+
+
+def with_prefix(split: str, values: dict[str, float]) -> dict[str, float]:
+    """Every key of `values` under `split`: `with_prefix("eval", {"L0": 3.0}) == {"eval/L0": 3.0}`."""
+    return {prefixed(split, name): value for name, value in values.items()}

@@ -1,4 +1,4 @@
-"""Pure metric functions (DESIGN.md §5). Names live in `sparsify.metric_names`.
+"""Pure metric functions (docs/design.md §5). Names live in `sparsify.metric_names`.
 
 Every function returns a plain float or tensor of counts; the caller prefixes `train/`/`eval/`.
 """
@@ -48,7 +48,7 @@ def total_variation(orig_logits: Float[Tensor, "... vocab"], sae_logits: Float[T
 def explained_variance(
     pred: Float[Tensor, "... d"], target: Float[Tensor, "... d"], layer_norm: bool = False
 ) -> float:
-    """Explained variance, mean over tokens (DESIGN.md §5).
+    """Explained variance, mean over tokens (docs/design.md §5).
 
     Per token: 1 - sum_d (pred - target)^2 / sum_d (target - mean_target)^2, where mean_target is
     the mean target vector over all tokens in the batch. With `layer_norm`, both are first passed
@@ -67,7 +67,7 @@ def explained_variance(
 class FiringCounter:
     """Counts, per dictionary element, the tokens on which it fired (code > 0).
 
-    `alive()` is the number of elements that fired at least once (DESIGN.md §2: alive
+    `alive()` is the number of elements that fired at least once (docs/design.md §2: alive
     dictionary elements over a token budget).
     """
 

@@ -1,4 +1,4 @@
-"""Load a language model as a TransformerLens 4 `TransformerBridge` (DESIGN.md §9).
+"""Load a language model as a TransformerLens 4 `TransformerBridge` (docs/design.md §9).
 
 Three sources: the embedded default (`embedded:SmolLM2-135M-Instruct`), a local Hugging Face
 model folder, or a Hugging Face hub name (needs network access).

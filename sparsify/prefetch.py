@@ -29,9 +29,9 @@ def prepare(cfg: TrainConfig, tlens_model: Any | None = None) -> Any:
         ConfigError, DataError, HookNameError, MissingPackageError: as the trainer would, but
             before any trial starts.
     """
-    from sparsify.evaluation import make_loss_plan
     from sparsify.model_loading import load_tlens_model
-    from sparsify.trainer import build_model
+    from sparsify.training.build import build_model
+    from sparsify.training.objective import make_loss_plan
 
     # CPU: the sweep driver may run on a head node without a GPU
     if tlens_model is not None:

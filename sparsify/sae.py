@@ -1,4 +1,4 @@
-"""The sparse autoencoder of DESIGN.md §3."""
+"""The sparse autoencoder of docs/design.md §3."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 
 class SAE(nn.Module):
-    """ReLU encoder, unit-norm dictionary elements, bias in the decoder (DESIGN.md §3).
+    """ReLU encoder, unit-norm dictionary elements, bias in the decoder (docs/design.md §3).
 
     codes = ReLU(W_e x + b_e); sae_out = D codes + b_d, where D is the decoder weight with each
     column normalized to unit L2 norm inside forward (functional normalization keeps Adam's

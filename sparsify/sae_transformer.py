@@ -2,7 +2,7 @@
 
 `forward_raw` runs the original model; `forward` (or calling the module) replaces the activation
 at each SAE position by that SAE's output, so gradients of downstream losses reach the SAEs
-through the frozen layers (DESIGN.md §3). Hooks only splice or capture: losses are computed by
+through the frozen layers (docs/design.md §3). Hooks only splice or capture: losses are computed by
 the caller from the returned tensors.
 """
 
@@ -165,7 +165,7 @@ class SAETransformer(nn.Module):
         Args:
             state: `<hook-key>.encoder.0.weight` (n_dict, d_in), `.encoder.0.bias` (n_dict),
                 `.decoder.weight` (d_in, n_dict), `.decoder.bias` (d_in) per position, as from
-                `sparsify.checkpoint.load_sae_state`.
+                `sparsify.training.checkpoint.load_sae_state`.
             source: the file it came from, for error messages.
             freeze: stop gradients to the loaded SAEs (the reference's `retrain_saes: false`).
 
@@ -214,14 +214,15 @@ class SAETransformer(nn.Module):
         Args:
             path: one of our run folders (`config.yaml` + `sae.safetensors`), or a reference
                 run folder (`final_config.yaml` + `*.pt` checkpoints; the one with the most
-                samples is loaded, DESIGN.md §12).
+                samples is loaded, docs/design.md §12).
             device: `auto`, `cpu` or `cuda`.
 
         Raises:
             ConfigError: a folder that holds neither layout, or an unloadable model or SAE file.
         """
-        from sparsify import checkpoint, compat
+        from sparsify import compat
         from sparsify.model_loading import load_tlens_model, resolve_device
+        from sparsify.training import checkpoint
 
         path = Path(path)
         if (path / checkpoint.CONFIG_FILE).is_file():

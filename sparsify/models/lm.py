@@ -4,7 +4,7 @@ The run folder is a Hugging Face model folder (`config.json`, `model.safetensors
 files) plus the resolved `lm_config.yaml` and `metrics.json` (the loss curve). It loads through
 TransformerBridge by path (`sparsify.model_loading.load_tlens_model`), so an SAE training
 config's `model_name` can name it (`configs/sae_on_custom_lm.yaml`). Data and tokenizer default
-to the embedded State of the Union speeches and SmolLM2's tokenizer (DESIGN.md §10).
+to the embedded State of the Union speeches and SmolLM2's tokenizer (docs/design.md §10).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from sparsify.data import check_section_budgets, iter_batches
 from sparsify.errors import ConfigError, DivergedError
 from sparsify.metric_names import EVAL, LOSS, LR, TOKENS_PER_S, TOKENS_SEEN, TRAIN, prefixed
 from sparsify.models.lm_config import LMTrainConfig, load_lm_config
-from sparsify.schedule import lr_factor
+from sparsify.training import checkpoint
+from sparsify.training.schedule import lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,12 @@ N_PARAMS = "n_params"
 
 
 def run_dir_for(cfg: LMTrainConfig) -> Path | None:
-    """The one place an LM run folder path is built: save_dir / run_name."""
-    if cfg.save_dir is None:
-        return None
-    name = cfg.run_name or f"lm_{cfg.architecture}_L{cfg.n_layers}_d{cfg.d_model}_seed{cfg.seed}"
-    return Path(cfg.save_dir) / name
+    """An LM's run folder: save_dir / (run_name or `lm_<architecture>_L<layers>_d<width>_seed<seed>`)."""
+    return checkpoint.run_dir_for(
+        cfg.save_dir,
+        cfg.run_name,
+        lambda: f"lm_{cfg.architecture}_L{cfg.n_layers}_d{cfg.d_model}_seed{cfg.seed}",
+    )
 
 
 def load_lm_tokenizer(cfg: LMTrainConfig) -> Any:
@@ -163,7 +165,7 @@ def train_lm(cfg: LMTrainConfig, show_progress: bool = True) -> LMTrainResult:
     """Train a causal LM from scratch with AdamW on next-token CE; evaluate; write the run folder.
 
     Each step reads `batch_size` sequences of train_data.n_ctx tokens; the lr follows
-    `sparsify.schedule.lr_factor` per optimizer step; eval CE at the start, every
+    `sparsify.training.schedule.lr_factor` per optimizer step; eval CE at the start, every
     eval_every_n_samples and at the end.
 
     Raises:
@@ -178,7 +180,7 @@ def train_lm(cfg: LMTrainConfig, show_progress: bool = True) -> LMTrainResult:
     tokenizer = load_lm_tokenizer(cfg)
     run_dir = run_dir_for(cfg)
     if run_dir is not None:
-        _check_writable(run_dir.parent)
+        checkpoint.make_folder(run_dir.parent)  # the run folder itself is renamed into place
     _check_data(cfg, tokenizer)
     model = build_lm(cfg, tokenizer).to(device)
     optimizer = _adamw(model, cfg)
@@ -258,14 +260,6 @@ def _optimizer_step(model: Any, optimizer: torch.optim.Optimizer, cfg: LMTrainCo
         group["lr"] = cfg.lr * factor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def _check_writable(folder: Path) -> None:
-    """Create save_dir before training, so one that cannot exist fails now, in one line."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"save_dir: cannot create {folder} ({exc.strerror})") from None
 
 
 def save_lm(run_dir: Path, model: Any, tokenizer: Any, cfg: LMTrainConfig, record: dict[str, Any]) -> None:

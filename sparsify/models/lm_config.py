@@ -8,15 +8,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from sparsify.config import (
-    EMBEDDED_MODEL_NAME,
-    SAFE_NAME,
-    DataConfig,
-    Seed,
-    StrictModel,
-    read_yaml,
-    validate_model,
-)
+from sparsify.config import EMBEDDED_MODEL_NAME, DataConfig
+from sparsify.schema import SAFE_NAME, Seed, StrictModel, read_yaml, validate_model
 
 
 class LMTrainConfig(StrictModel):

@@ -28,9 +28,10 @@ from torch import Tensor, nn
 
 from sparsify.atomic import atomic_write_text, atomic_write_with
 from sparsify.cli import run_config_command
-from sparsify.config import SAFE_NAME, Seed, StrictModel, read_yaml, validate_model
 from sparsify.errors import ConfigError, MissingPackageError
 from sparsify.metric_names import EVAL, TRAIN, prefixed
+from sparsify.schema import SAFE_NAME, Seed, StrictModel, read_yaml, validate_model
+from sparsify.training import checkpoint
 
 MODEL_WEIGHTS = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -152,7 +153,7 @@ class MLP(nn.Module):
         replace: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
     ) -> MLPRun:
         """Forward pass; `replace[name]` maps the activation at `name` to what flows on (the
-        splice: DESIGN.md §3, the SAE output REPLACES the activation)."""
+        splice: docs/design.md §3, the SAE output REPLACES the activation)."""
         replace = replace or {}
         hidden: dict[str, Tensor] = {}
         act = x
@@ -194,11 +195,12 @@ def one_thread() -> Iterator[None]:
 
 
 def run_dir_for(cfg: MLPConfig) -> Path | None:
-    """The one place an MLP run folder path is built: save_dir / run_name."""
-    if cfg.save_dir is None:
-        return None
-    name = cfg.run_name or f"mlp_digits_{'x'.join(map(str, cfg.hidden_sizes))}_seed{cfg.seed}"
-    return Path(cfg.save_dir) / name
+    """An MLP's run folder: save_dir / (run_name or `mlp_digits_<widths>_seed<seed>`)."""
+    return checkpoint.run_dir_for(
+        cfg.save_dir,
+        cfg.run_name,
+        lambda: f"mlp_digits_{'x'.join(map(str, cfg.hidden_sizes))}_seed{cfg.seed}",
+    )
 
 
 @dataclass
@@ -242,10 +244,7 @@ def train_mlp(cfg: MLPConfig) -> TrainedMLP:
 
 def save_mlp(run_dir: Path, model: MLP, cfg: MLPConfig, metrics: dict[str, float]) -> None:
     """Write (or overwrite) the run folder atomically: weights, resolved config, metrics."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"save_dir: cannot create the run folder {run_dir} ({exc.strerror})") from None
+    checkpoint.make_folder(run_dir)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write_with(run_dir / MODEL_WEIGHTS, lambda tmp: save_file(tensors, tmp))
     atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -2,7 +2,7 @@
 `python -m sparsify.models.mlp_saes cfg.yaml`.
 
 The MLP (from `python -m sparsify.models.mlp`) is frozen; SAEs sit at chosen hidden
-activations (`hidden.0`, ...) and replace them (`sparsify.models.mlp_splice`). Metrics (DESIGN.md §5) are computed on the MLP's test
+activations (`hidden.0`, ...) and replace them (`sparsify.models.mlp_splice`). Metrics (docs/design.md §5) are computed on the MLP's test
 split, one "token" being one image. Writes a run folder: `sae.safetensors`, `config.yaml`,
 `metrics.json`.
 """
@@ -26,11 +26,9 @@ from torch import Tensor, nn
 from sparsify import metric_names as names
 from sparsify import metrics
 from sparsify.atomic import atomic_write_text
-from sparsify.checkpoint import CONFIG_FILE, METRICS_FILE, SAE_WEIGHTS, load_sae_weights, save_sae_weights
 from sparsify.cli import run_config_command
-from sparsify.config import SAFE_NAME, LossConfig, Seed, StrictModel, read_yaml, validate_model
-from sparsify.errors import ConfigError, DivergedError
-from sparsify.hooks import hook_to_key
+from sparsify.config import LossConfig
+from sparsify.errors import DivergedError
 from sparsify.losses import weighted_total
 from sparsify.models.mlp import (
     ACCURACY,
@@ -42,7 +40,16 @@ from sparsify.models.mlp import (
     one_thread,
 )
 from sparsify.models.mlp_splice import MLPWithSAEs, in_to_orig_hooks, loss_terms
-from sparsify.schedule import lr_factor
+from sparsify.schema import SAFE_NAME, Seed, StrictModel, read_yaml, validate_model
+from sparsify.training import checkpoint
+from sparsify.training.checkpoint import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SAE_WEIGHTS,
+    load_sae_weights,
+    save_sae_weights,
+)
+from sparsify.training.schedule import lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +106,7 @@ def evaluate(
     loss: LossConfig,
     downstream: list[str],
 ) -> dict[str, float]:
-    """Metrics over all of `x` in one batch, un-prefixed (DESIGN.md §5; one image = one token).
+    """Metrics over all of `x` in one batch, un-prefixed (docs/design.md §5; one image = one token).
 
     L0 and alive dictionary elements per position and summed over positions (alive: fired on at
     least one of the images); explained variance of each SAE (output vs input) and of each
@@ -153,18 +160,13 @@ def batch_indices(n: int, batch_size: int, n_steps: int, generator: torch.Genera
             step += 1
 
 
-def default_run_name(cfg: MLPSAEsConfig) -> str:
-    """`hidden-0_ratio4_sparsity0.5_logits_kl1_seed0`: positions, ratio, coefficients, seed."""
-    positions = "+".join(hook_to_key(p) for p in cfg.sae_positions)
-    coeffs = "_".join(f"{k}{v:g}" for k, v in cfg.loss.coeffs().items() if v)
-    return f"{positions}_ratio{cfg.dict_size_to_input_ratio:g}_{coeffs}_seed{cfg.seed}"
-
-
 def run_dir_for(cfg: MLPSAEsConfig) -> Path | None:
-    """The one place an MLP-SAE run folder path is built: save_dir / run_name."""
-    if cfg.save_dir is None:
-        return None
-    return Path(cfg.save_dir) / (cfg.run_name or default_run_name(cfg))
+    """The run folder: save_dir / (run_name or e.g. `hidden-0_ratio4_sparsity0.5_logits_kl1_seed0`)."""
+    return checkpoint.run_dir_for(
+        cfg.save_dir,
+        cfg.run_name,
+        lambda: checkpoint.sae_run_name(cfg.sae_positions, cfg.dict_size_to_input_ratio, cfg.loss, cfg.seed),
+    )
 
 
 @dataclass
@@ -235,10 +237,7 @@ def train_saes(cfg: MLPSAEsConfig) -> MLPSAEsResult:
 def save_run(run_dir: Path, model: MLPWithSAEs, cfg: MLPSAEsConfig, values: dict[str, float]) -> None:
     """Write (or overwrite) the run folder atomically: SAE weights (keys `hidden-0.encoder.0.weight`,
     ...), resolved config, metrics."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"save_dir: cannot create the run folder {run_dir} ({exc.strerror})") from None
+    checkpoint.make_folder(run_dir)
     save_sae_weights(run_dir / SAE_WEIGHTS, model.saes.state_dict())
     atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     atomic_write_text(run_dir / METRICS_FILE, json.dumps(values, indent=2, sort_keys=True))

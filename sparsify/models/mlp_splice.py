@@ -1,7 +1,7 @@
 """A frozen MLP with SAEs spliced into its hidden layers, and the loss terms of one batch.
 
-The SAE output REPLACES the hidden activation at its position (DESIGN.md §3), so e2e losses
-train the SAEs through the frozen later layers. Loss terms are those of the LM case (DESIGN.md
+The SAE output REPLACES the hidden activation at its position (docs/design.md §3), so e2e losses
+train the SAEs through the frozen later layers. Loss terms are those of the LM case (docs/design.md
 §4, `sparsify.losses`), with the class distribution in place of the next-token distribution.
 """
 
@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from sparsify.config import LATER_RESID_PRE, LossConfig
 from sparsify.errors import ConfigError, HookNameError
 from sparsify.hooks import check_hook_names, hook_to_key
-from sparsify.losses import logits_kl_loss, mse_loss, sparsity_loss
 from sparsify.models.mlp import MLP, MLPRun
 from sparsify.sae import SAE
+from sparsify.training.objective import SAETermInputs, assemble_terms
 
 
 @dataclass
@@ -63,7 +63,7 @@ class MLPWithSAEs(nn.Module):
         return self.mlp.run(x)
 
     def forward(self, x: Float[Tensor, "batch d_in"]) -> SplicedRun:
-        """The MLP with each SAE's output replacing the activation at its position (DESIGN.md §3)."""
+        """The MLP with each SAE's output replacing the activation at its position (docs/design.md §3)."""
         codes: dict[str, Tensor] = {}
         sae_out: dict[str, Tensor] = {}
 
@@ -108,29 +108,17 @@ def in_to_orig_hooks(loss: LossConfig, sae_positions: list[str], hidden_names: l
 def loss_terms(
     loss: LossConfig, out: SplicedRun, raw: MLPRun, downstream: list[str]
 ) -> dict[str, Float[Tensor, ""]]:
-    """Unweighted value of every configured loss term for one batch (DESIGN.md §4).
+    """Unweighted value of every configured loss term for one batch (docs/design.md §4), assembled
+    by `sparsify.training.objective.assemble_terms` as in the transformer case.
 
     sparsity (mean over images of ||codes||_p / d_in), out_to_in (MSE of SAE output vs input) and
     out_to_orig are summed over SAE positions; in_to_orig is the mean MSE over the `downstream`
     hidden activations (so `weighted_total` weights each hook total_coeff / n_hooks); logits_kl
     is KL(P_orig || P_sae) of the class distributions in nats, mean over images.
     """
-    terms: dict[str, Tensor] = {}
-    for name in ("sparsity", "out_to_in", "out_to_orig"):
-        if getattr(loss, name) is not None:
-            terms[name] = torch.zeros(())
-    for pos, codes in out.codes.items():
-        sae_in, sae_out = out.hidden[pos], out.sae_out[pos]
-        if loss.sparsity is not None:
-            terms["sparsity"] = terms["sparsity"] + sparsity_loss(
-                codes, loss.sparsity.p_norm, sae_in.shape[-1]
-            )
-        if loss.out_to_in is not None:
-            terms["out_to_in"] = terms["out_to_in"] + mse_loss(sae_out, sae_in)
-        if loss.out_to_orig is not None:
-            terms["out_to_orig"] = terms["out_to_orig"] + mse_loss(sae_out, raw.hidden[pos])
-    if loss.in_to_orig is not None:
-        terms["in_to_orig"] = torch.stack([mse_loss(out.hidden[h], raw.hidden[h]) for h in downstream]).mean()
-    if loss.logits_kl is not None:
-        terms["logits_kl"] = logits_kl_loss(raw.logits, out.logits)
-    return terms
+    saes = (
+        SAETermInputs(codes, out.hidden[pos], out.sae_out[pos], raw.hidden[pos])
+        for pos, codes in out.codes.items()
+    )
+    pairs = [(out.hidden[h], raw.hidden[h]) for h in downstream]
+    return assemble_terms(loss, saes, pairs, (raw.logits, out.logits), torch.zeros(()))

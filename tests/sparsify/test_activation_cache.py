@@ -7,12 +7,13 @@ import torch
 from conftest import tiny_train_config
 from torch.testing import assert_close
 
-from sparsify.activation_cache import wants_activation_cache
+from sparsify import train
 from sparsify.config import validate_config
 from sparsify.embedded import cache_dir
 from sparsify.errors import ConfigError
 from sparsify.sae_transformer import SAETransformer
-from sparsify.trainer import build_model, train
+from sparsify.training.activation_cache import wants_activation_cache
+from sparsify.training.build import build_model
 
 LOCAL_LOSS = {"sparsity": {"coeff": 0.5}, "out_to_in": {"coeff": 1.0}}
 
@@ -97,7 +98,7 @@ def test_auto_uses_the_cache_only_for_local_losses_on_cpu(tiny_bridge, tiny_mode
 
 
 def test_cached_batches_equal_the_model_activations(tiny_bridge, tiny_model_dir, corpus_dir, tmp_path):
-    from sparsify.activation_cache import activation_cache
+    from sparsify.training.activation_cache import activation_cache
 
     cfg = local_config(tiny_model_dir, corpus_dir, tmp_path)
     model = build_model(cfg, tiny_bridge)

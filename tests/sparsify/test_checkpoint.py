@@ -73,8 +73,8 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_bridge, tiny_model_dir, co
     """Exact equality (tolerance 0): same SAE weights bit for bit, same metrics except tokens/s."""
     import torch
 
-    from sparsify.checkpoint import CHECKPOINTS_DIR, TRAIN_STATE_FILE, load_sae_weights
-    from sparsify.trainer import train
+    from sparsify.training.checkpoint import CHECKPOINTS_DIR, TRAIN_STATE_FILE, load_sae_weights
+    from sparsify.training.trainer import train
 
     whole = _resume_config(tiny_model_dir, corpus_dir, tmp_path, loss, tmp_path / "whole")
     uninterrupted = train(whole, tlens_model=tiny_bridge, show_progress=False)
@@ -107,7 +107,7 @@ def test_resuming_a_finished_run_trains_nothing_and_reports_the_same_metrics(
 ):
     cfg = _resume_config(tiny_model_dir, corpus_dir, tmp_path, LOCAL, tmp_path / "runs")
     first = train_tiny(cfg, tiny_bridge)
-    monkeypatch.setattr("sparsify.trainer.optimizer_step", lambda *a: pytest.fail("trained again"))
+    monkeypatch.setattr("sparsify.training.trainer.optimizer_step", lambda *a: pytest.fail("trained again"))
     again = train_tiny(cfg, tiny_bridge, resume_from=first.run_dir)
     for key in set(first.metrics) - TIMING:
         assert again.metrics[key] == first.metrics[key], key
@@ -130,7 +130,7 @@ def test_checkpoint_round_trips_adam_state_without_pickle(tmp_path):
     back the same state dict (tuples included)."""
     import torch
 
-    from sparsify.checkpoint import _join_optimizer_state, _split_optimizer_state
+    from sparsify.training.checkpoint import _join_optimizer_state, _split_optimizer_state
 
     params = [torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(3))]
     adam = torch.optim.Adam(params, lr=1e-3, betas=(0.8, 0.9))
@@ -147,7 +147,7 @@ def test_checkpoint_round_trips_adam_state_without_pickle(tmp_path):
 
 
 def train_tiny(cfg, bridge, **kwargs):
-    from sparsify.trainer import train
+    from sparsify.training.trainer import train
 
     return train(cfg, tlens_model=bridge, show_progress=False, **kwargs)
 
@@ -159,7 +159,7 @@ def test_resumed_run_logs_each_step_once_to_tensorboard(tiny_bridge, tiny_model_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from sparsify.config import validate_config
-    from sparsify.trainer import train
+    from sparsify.training.trainer import train
 
     def config(save_dir):
         return validate_config(

@@ -1,4 +1,4 @@
-"""The reference library's YAML run configs, read unchanged (DESIGN.md §12)."""
+"""The reference library's YAML run configs, read unchanged (docs/design.md §12)."""
 
 import json
 
@@ -6,11 +6,11 @@ import pytest
 import yaml
 from test_pretrained import reference_config
 
+from sparsify.cli import train_main as main
 from sparsify.compat import read_reference_config, to_train_config
 from sparsify.config import validate_config
 from sparsify.errors import ConfigError
-from sparsify.train import main
-from sparsify.trainer import TrainState, _due
+from sparsify.training.state import TrainState, due_after_step
 
 
 def _write(tmp_path, cfg, name="ref.yaml"):
@@ -34,6 +34,19 @@ def test_reference_fields_map_onto_ours(tiny_bridge, tiny_model_dir, tmp_path):
     assert (cfg.train_data.seed, cfg.eval_data.seed) == (0, 1)  # null seeds: distinct streams
     assert cfg.run_name.startswith("ref_blocks-0-hook_resid_pre+")
     assert cfg.save_dir is None
+
+
+@pytest.mark.parametrize(
+    ("tlens_name", "hub_name"),
+    [("pythia-14m", "EleutherAI/pythia-14m"), ("gpt2-small", "gpt2"), ("GPT2-Small", "gpt2"), ("gpt2", "gpt2"),
+     ("my-org/my-model", "my-org/my-model")],
+)  # fmt: skip
+def test_tlens_model_name_resolves_through_transformerlens_aliases(
+    tiny_model_dir, tmp_path, tlens_name, hub_name
+):
+    cfg = {**reference_config(tiny_model_dir), "tlens_model_name": tlens_name, "tlens_model_path": None}
+    path = _write(tmp_path, cfg)
+    assert read_reference_config(path).model_name == hub_name
 
 
 def test_a_reference_config_trains_through_the_cli(tiny_model_dir, tmp_path, capsys):
@@ -103,6 +116,6 @@ def test_alive_collection_is_due_every_n_samples(tiny_model_dir, corpus_dir, tmp
             tiny_model_dir, corpus_dir, tmp_path, n_samples=64, collect_act_frequency_every_n_samples=16
         )
     )
-    due = [_due(cfg, TrainState(step=s, samples_seen=8 * s)) for s in range(1, 9)]
+    due = [due_after_step(cfg, TrainState(step=s, samples_seen=8 * s)) for s in range(1, 9)]
     # every 16 samples = every 2nd step of 8, not at the last step (the final eval counts them)
     assert [d.alive for d in due] == [False, True, False, True, False, True, False, False]

@@ -1,7 +1,8 @@
 import pytest
 
-from sparsify.config import TrainConfig, load_config, read_yaml, validate_config
+from sparsify.config import TrainConfig, load_config, validate_config
 from sparsify.errors import ConfigError
+from sparsify.schema import read_yaml
 
 VALID = """\
 saes:
@@ -144,8 +145,8 @@ def test_unquoted_on_and_off_read_as_the_words(tmp_path):
 
 
 def test_a_boolean_inside_a_list_of_numbers_or_an_optional_seed_is_caught():
-    from sparsify.config import validate_model
     from sparsify.models.mlp import MLPConfig
+    from sparsify.schema import validate_model
 
     with pytest.raises(ConfigError, match=r"hidden_sizes: expected a number, not a boolean"):
         validate_model(MLPConfig, {"hidden_sizes": [64, True]}, "mlp.yaml")

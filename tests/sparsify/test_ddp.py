@@ -1,5 +1,5 @@
 """DDP without Ray: 2 gloo ranks (torch.multiprocessing, FileStore rendezvous) train one SAE on
-the tiny model and must match 1 rank on the same global batch (DESIGN.md §1, §9)."""
+the tiny model and must match 1 rank on the same global batch (docs/design.md §1, §9)."""
 
 from __future__ import annotations
 
@@ -38,12 +38,13 @@ would. It is still all-reduced: both ranks report the same value."""
 def train_variants(rank: int, world_size: int, configs: dict[str, dict[str, Any]], out: Path) -> None:
     """Train each config in turn on this rank, saving its SAE weights, its final metrics, the
     training sequences this rank read and its initial decoder bias (both recorded by wrapping
-    the trainer's `iter_batches` and `_init_decoder_bias`)."""
-    import sparsify.trainer as trainer
+    the batch source's `iter_batches` and `init_decoder_bias`)."""
+    import sparsify.training.batches as batches
+    from sparsify import train
 
     seen: list[torch.Tensor] = []
     init_bias: dict[str, torch.Tensor] = {}
-    original_batches, original_init = trainer.iter_batches, trainer._init_decoder_bias
+    original_batches, original_init = batches.iter_batches, batches.init_decoder_bias
 
     def recording_iter_batches(*args: Any, **kwargs: Any):
         for batch in original_batches(*args, **kwargs):
@@ -55,14 +56,14 @@ def train_variants(rank: int, world_size: int, configs: dict[str, dict[str, Any]
         init_bias.update({h: model.sae(h).decoder.bias.detach().clone() for h in model.sae_positions})
 
     with (
-        mock.patch.object(trainer, "iter_batches", recording_iter_batches),
-        mock.patch.object(trainer, "_init_decoder_bias", recording_init),
+        mock.patch.object(batches, "iter_batches", recording_iter_batches),
+        mock.patch.object(batches, "init_decoder_bias", recording_init),
     ):
         for name, cfg_dict in configs.items():
             seen.clear()
             init_bias.clear()
             cfg = validate_config({**cfg_dict, "save_dir": str(out / f"runs{world_size}")})
-            result = trainer.train(cfg, rank=rank, world_size=world_size, show_progress=False)
+            result = train(cfg, rank=rank, world_size=world_size, show_progress=False)
             saved = {
                 "saes": {k: v.detach().clone() for k, v in result.model.saes.state_dict().items()},
                 "metrics": result.metrics,
@@ -75,7 +76,7 @@ def train_variants(rank: int, world_size: int, configs: dict[str, dict[str, Any]
 def window_across_ranks(rank: int, out: Path) -> None:
     """TrainWindow under DDP: rank 0 logs finite losses, rank 1 other values, then an inf."""
     from sparsify.errors import DivergedError
-    from sparsify.trainer import TrainState, TrainWindow
+    from sparsify.training.state import TrainWindow
 
     window = TrainWindow()
     for step, (sparsity, kl) in enumerate(
@@ -84,7 +85,7 @@ def window_across_ranks(rank: int, out: Path) -> None:
         terms = {"sparsity": torch.tensor(sparsity), "logits_kl": torch.tensor(kl)}
         window.add(terms, terms["sparsity"] + terms["logits_kl"], n_tokens=10, step=step)
     window.check_finite()
-    metrics = window.flush(torch.tensor(0.5), 1e-3, TrainState(), {"L0": 7.0 + 2 * rank})
+    metrics = window.flush(torch.tensor(0.5), 1e-3, {"L0": 7.0 + 2 * rank})
     terms = {"sparsity": torch.tensor(1.0), "logits_kl": torch.tensor(float("inf") if rank else 1.0)}
     window.add(terms, terms["sparsity"] + terms["logits_kl"], n_tokens=10, step=3)
     error = ""

@@ -8,7 +8,7 @@ import torch
 from sparsify import metric_names as names
 from sparsify.config import EMBEDDED_MODEL_NAME, validate_config
 from sparsify.model_loading import load_tlens_model
-from sparsify.trainer import train
+from sparsify.training.trainer import train
 
 pytestmark = pytest.mark.slow
 

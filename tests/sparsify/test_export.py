@@ -21,11 +21,11 @@ import torch
 from conftest import tiny_train_config
 from safetensors.torch import load_file, save_file
 
-from sparsify.checkpoint import save_run
 from sparsify.config import validate_config
 from sparsify.export import export_saelens, main
 from sparsify.hooks import hook_to_key
 from sparsify.sae import SAE
+from sparsify.training.checkpoint import save_run
 
 ROOT = Path(__file__).parents[2]
 SAELENS_PYTHON = Path(os.environ.get("SPARSIFY_SAELENS_PYTHON", ROOT / ".venv-saelens" / "bin" / "python"))

@@ -16,7 +16,7 @@ from torch.testing import assert_close
 from sparsify.config import TrainConfig
 from sparsify.model_loading import load_tlens_model
 from sparsify.sae_transformer import SAETransformer
-from sparsify.trainer import train
+from sparsify.training.trainer import train
 
 pytestmark = [
     pytest.mark.gpu,
@@ -71,8 +71,10 @@ def test_gpt2_small_e2e_step_fits_in_80_gb():
     under bf16 autocast: one e2e+ds training step's peak memory stays under 80 GiB."""
     from bench.cases import CASES
     from bench.ours import random_model, train_config
-    from sparsify.evaluation import make_loss_plan
-    from sparsify.trainer import build_model, forward_backward, optimizer_step
+    from sparsify.training.batches import MicroBatch
+    from sparsify.training.build import build_model
+    from sparsify.training.objective import make_loss_plan
+    from sparsify.training.trainer import forward_backward, optimizer_step
 
     case = CASES["gpt2-small-gpu"]
     cfg = train_config(case, "e2e_ds", "bf16-autocast")
@@ -81,7 +83,7 @@ def test_gpt2_small_e2e_step_fits_in_80_gb():
     optimizer = torch.optim.Adam(model.saes.parameters(), lr=cfg.lr)
     torch.cuda.reset_peak_memory_stats()
     tokens = torch.randint(0, case.shape.d_vocab, (case.batch_size, case.seq_len), device="cuda")
-    terms, total, _ = forward_backward(model, tokens, plan, cfg, 0)
+    terms, total, _ = forward_backward(model, MicroBatch(tokens), plan, cfg)
     optimizer_step(model, optimizer, cfg, 0)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     assert torch.isfinite(total) and set(terms) == {"sparsity", "logits_kl", "in_to_orig"}

@@ -12,7 +12,7 @@ from sparsify.config import load_config, validate_config
 from sparsify.model_loading import load_tlens_model
 from sparsify.models.lm import CE_LOSS, METRICS_FILE, LMTrainConfig, load_lm_config, main, train_lm
 from sparsify.models.lm_config import LMTrainConfig as ConfigModuleLMTrainConfig
-from sparsify.trainer import train
+from sparsify.training.trainer import train
 
 ROOT = Path(__file__).parents[2]
 

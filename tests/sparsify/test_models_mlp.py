@@ -35,7 +35,7 @@ def mlp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def sae_config(mlp_dir: Path, kind: str, **overrides) -> MLPSAEsConfig:
-    """local: sparsity + out_to_in; e2e: sparsity + logits_kl (DESIGN.md §4), one SAE at hidden.0."""
+    """local: sparsity + out_to_in; e2e: sparsity + logits_kl (docs/design.md §4), one SAE at hidden.0."""
     recon = {"out_to_in": {"coeff": 1.0}} if kind == "local" else {"logits_kl": {"coeff": 1.0}}
     fields = {
         "mlp_dir": str(mlp_dir),
@@ -137,7 +137,7 @@ def test_e2e_sae_has_lower_kl_than_local_at_lower_or_equal_l0(mlp_dir):
     # increase on 360 test images is noisier (one seed had e2e 0.022 vs local 0.026): not asserted
     assert e2e[names.EVAL_KL] < 0.8 * local[names.EVAL_KL]
     assert e2e[names.EVAL_L0] < 1.1 * local[names.EVAL_L0]
-    # the local SAE reconstructs its input; the e2e SAE does not try to (DESIGN.md §4)
+    # the local SAE reconstructs its input; the e2e SAE does not try to (docs/design.md §4)
     assert local["eval/explained_variance/hidden.0"] > 0.7
     assert e2e["eval/explained_variance/hidden.0"] < local["eval/explained_variance/hidden.0"]
     assert 0 < e2e[names.EVAL_ALIVE] <= 256 and e2e["eval/accuracy_sae"] > 0.9

@@ -8,12 +8,13 @@ import torch.nn.functional as F
 import yaml
 from conftest import tiny_train_config
 
-from sparsify.checkpoint import load_sae_state
+from sparsify import train
 from sparsify.config import validate_config
 from sparsify.errors import ConfigError
 from sparsify.sae import SAE
 from sparsify.sae_transformer import SAETransformer
-from sparsify.trainer import build_model, train
+from sparsify.training.build import build_model
+from sparsify.training.checkpoint import load_sae_state
 
 POS1, POS2 = "blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"
 
@@ -202,7 +203,7 @@ def test_from_local_path_on_another_folder_is_one_line(tmp_path):
 
 
 def reference_config(model_dir, **overrides):
-    """A config in the reference library's format (DESIGN.md §12), with its null loss terms."""
+    """A config in the reference library's format (docs/design.md §12), with its null loss terms."""
     data = {
         "dataset_name": "unused",
         "is_tokenized": True,

@@ -7,8 +7,8 @@ import json
 import yaml
 from conftest import tiny_train_config
 
-from sparsify.redact import MASK, redact, secret_values
-from sparsify.train import main as train_main
+from sparsify.cli import train_main
+from sparsify.redaction import MASK, redact, secret_values
 from sweep.results import write_trial_record
 
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a real one

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from sparsify.schedule import lr_factor
+from sparsify.training.schedule import lr_factor
 
 
 def test_linear_decay_reaches_min_lr_factor_on_the_last_step():

@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 from conftest import tiny_train_config
 
-from sparsify.train import main
+from sparsify.cli import train_main as main
 
 ROOT = Path(__file__).parents[2]
 

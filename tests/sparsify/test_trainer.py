@@ -6,11 +6,12 @@ import torch
 from conftest import tiny_train_config
 
 from sparsify import metric_names as names
-from sparsify.checkpoint import load_sae_weights
+from sparsify import train
 from sparsify.config import validate_config
 from sparsify.errors import DataError, DivergedError
-from sparsify.evaluation import make_loss_plan
-from sparsify.trainer import build_model, train
+from sparsify.training.build import build_model
+from sparsify.training.checkpoint import load_sae_weights
+from sparsify.training.objective import make_loss_plan
 
 
 def test_e2e_training_lowers_the_loss_and_writes_the_run(tiny_bridge, tiny_model_dir, corpus_dir, tmp_path):
@@ -114,7 +115,7 @@ def test_diverged_loss_raises_with_step_and_term(
     cfg = validate_config(
         tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, save_dir=None, eval_data=None, n_samples=64)
     )
-    monkeypatch.setattr("sparsify.evaluation.sparsity_loss", lambda *args: torch.tensor(float("inf")))
+    monkeypatch.setattr("sparsify.training.objective.sparsity_loss", lambda *args: torch.tensor(float("inf")))
     with pytest.raises(DivergedError, match="'sparsity' is inf at step 0") as info:
         train(cfg, tlens_model=tiny_bridge, show_progress=False)
     assert info.value.term == "sparsity"
@@ -151,7 +152,9 @@ def test_eval_data_too_small_fails_before_training(
     cfg = validate_config(
         tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, act_frequency_n_tokens=10**7)
     )
-    monkeypatch.setattr("sparsify.trainer.loss_terms", lambda *a: pytest.fail("trained before checking data"))
+    monkeypatch.setattr(
+        "sparsify.training.trainer.loss_terms", lambda *a: pytest.fail("trained before checking data")
+    )
     with pytest.raises(
         DataError,
         match=r"act_frequency_n_tokens: eval_data has \d+ sequences of 16 tokens; the run needs 625000",
@@ -160,14 +163,14 @@ def test_eval_data_too_small_fails_before_training(
 
 
 def test_train_window_names_the_first_non_finite_step_and_averages_the_rest():
-    from sparsify.trainer import TrainState, TrainWindow
+    from sparsify.training.state import TrainWindow
 
     window = TrainWindow()
     for step, (sparsity, kl) in enumerate([(1.0, 2.0), (3.0, 4.0)]):
         terms = {"sparsity": torch.tensor(sparsity), "logits_kl": torch.tensor(kl)}
         window.add(terms, terms["sparsity"] + terms["logits_kl"], n_tokens=10, step=step)
     window.check_finite()  # all finite: no error
-    metrics = window.flush(torch.tensor(0.5), 1e-3, TrainState(), {"L0": 7.0})
+    metrics = window.flush(torch.tensor(0.5), 1e-3, {"L0": 7.0})
     assert metrics["train/loss/sparsity"] == 2.0 and metrics["train/loss/logits_kl"] == 3.0
     assert metrics["train/loss"] == 5.0 and metrics["train/grad_norm"] == 0.5 and metrics["train/L0"] == 7.0
     # after an inf, later steps turn NaN: the error names the first bad step and term

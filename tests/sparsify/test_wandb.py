@@ -7,8 +7,8 @@ import pytest
 import yaml
 from conftest import tiny_train_config
 
-from sparsify.tracking import load_env_file
-from sparsify.train import main
+from sparsify.cli import train_main as main
+from sparsify.training.tracking import load_env_file
 
 FAKE_KEY = "c0ffee" * 6 + "beef"  # 40 hex characters, the shape of a real key
 
@@ -59,7 +59,7 @@ def test_resumed_run_continues_its_wandb_run(
     """The W&B run id goes into the checkpoint; the resumed run logs to the same W&B run
     (W&B then drops the steps it already has) instead of starting a second one."""
     from sparsify.config import validate_config
-    from sparsify.trainer import train
+    from sparsify.training.trainer import train
 
     class Interrupted(Exception):
         pass

@@ -6,7 +6,7 @@ same tensors. The first run computes them once and writes one safetensors file, 
 model, the positions and the exact token ids; later runs (other trials, other processes) read
 batches from it lazily, so memory stays at one batch.
 
-When it pays (DESIGN.md §11): a cached token costs d_in x 4 bytes read from disk (2.3 KB for
+When it pays (docs/design.md §11): a cached token costs d_in x 4 bytes read from disk (2.3 KB for
 SmolLM2's 576), a recomputed one the model's blocks before the SAE (about 108 MFLOP at
 SmolLM2's layer 15). On a CPU at ~0.1 TFLOP/s that is ~1 ms of compute against ~1 us of reading:
 the cache wins by orders of magnitude. On a GPU (~400 TFLOP/s) recomputing takes ~0.3 ns per

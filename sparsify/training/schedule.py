@@ -1,4 +1,4 @@
-"""Learning-rate schedules as pure functions of the optimizer step (DESIGN.md §6, §12)."""
+"""Learning-rate schedules as pure functions of the optimizer step (docs/design.md §6, §12)."""
 
 from __future__ import annotations
 

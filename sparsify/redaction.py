@@ -1,4 +1,4 @@
-"""Keep secrets out of everything we print or write (DESIGN.md §11): the values of
+"""Keep secrets out of everything we print or write (docs/design.md §11): the values of
 secret-looking environment variables (WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...) and
 anything shaped like a W&B API key are replaced by `***`."""
 

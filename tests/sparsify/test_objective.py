@@ -1,11 +1,13 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sparsify.config import LossConfig
 from sparsify.errors import HookNameError
-from sparsify.evaluation import loss_terms, make_loss_plan
 from sparsify.sae_transformer import SAETransformer
+from sparsify.training.objective import loss_terms, make_loss_plan
 
 POS = "blocks.1.hook_resid_pre"
 ALL_TERMS = {
@@ -77,3 +79,40 @@ def test_in_to_orig_hook_upstream_of_the_sae_is_rejected(model):
     )
     with pytest.raises(HookNameError, match="'blocks.0.hook_resid_pre' is not downstream of the SAEs"):
         make_loss_plan(model, loss)
+
+
+def test_assemble_terms_sums_per_sae_terms_and_averages_in_to_orig_hooks():
+    """Hand-computed on 2 tokens, d_in 2, 3 latents, the same SAE inputs at two positions."""
+    from sparsify.training.objective import SAETermInputs, assemble_terms
+
+    sae = SAETermInputs(
+        codes=torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]]),  # L1 norms 3, 3
+        sae_in=torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        sae_out=torch.tensor([[1.0, 1.0], [3.0, 3.0]]),  # squared errors 0, 1, 0, 1 vs sae_in
+        orig=torch.tensor([[0.0, 2.0], [3.0, 5.0]]),  # squared errors 1, 1, 0, 4 vs sae_out
+    )
+    downstream = [
+        (torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 1.0]])),
+        (torch.tensor([[2.0]]), torch.tensor([[0.0]])),
+    ]
+    logits = (
+        torch.tensor([[0.0, 0.0]]),
+        torch.tensor([[math.log(3.0), 0.0]]),
+    )  # P_orig uniform, P_sae (3/4, 1/4)
+    terms = assemble_terms(
+        LossConfig.model_validate(ALL_TERMS), [sae, sae], downstream, logits, torch.zeros(())
+    )
+    assert list(terms) == ["sparsity", "out_to_in", "out_to_orig", "in_to_orig", "logits_kl"]
+    assert terms["sparsity"].item() == pytest.approx(2 * 3 / 2)  # mean L1 norm / d_in, summed over SAEs
+    assert terms["out_to_in"].item() == pytest.approx(2 * 0.5)
+    assert terms["out_to_orig"].item() == pytest.approx(2 * 1.5)
+    assert terms["in_to_orig"].item() == pytest.approx((0.5 + 4.0) / 2)  # mean over hooks
+    assert terms["logits_kl"].item() == pytest.approx(0.5 * math.log(4 / 3))
+
+
+def test_assemble_terms_without_the_original_model_leaves_its_terms_out():
+    from sparsify.training.objective import SAETermInputs, assemble_terms
+
+    sae = SAETermInputs(torch.ones(2, 3), torch.zeros(2, 2), torch.ones(2, 2))
+    terms = assemble_terms(LossConfig.model_validate(ALL_TERMS), [sae], None, None, torch.zeros(()))
+    assert {k: v.item() for k, v in terms.items()} == {"sparsity": 1.5, "out_to_in": 1.0, "out_to_orig": 0.0}

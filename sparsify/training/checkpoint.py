@@ -1,5 +1,6 @@
-"""Run folders and checkpoints: SAE weights (safetensors) + resolved config + metrics, written
-atomically (temp file in the same folder, then `os.replace`).
+"""Run folders and checkpoints. A run folder (`run_dir_for` builds its path, for every kind of
+run) holds SAE weights (safetensors) + resolved config + metrics, written atomically (temp
+file in the same folder, then `os.replace`).
 
 A resume checkpoint (`save_checkpoint`, `load_checkpoint`) adds what a run needs to continue
 exactly where it stopped: Adam's tensors (safetensors) and the trainer's state (JSON: step,
@@ -12,6 +13,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,49 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sparsify.atomic import atomic_write_text, atomic_write_with, current_umask
-from sparsify.config import TrainConfig, config_to_yaml, load_config
+from sparsify.config import LossConfig, TrainConfig, config_to_yaml, load_config
 from sparsify.errors import ConfigError
+from sparsify.hooks import hook_to_key
 
 SAE_WEIGHTS = "sae.safetensors"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+
+
+def run_dir_for(save_dir: str | None, run_name: str | None, default_name: Callable[[], str]) -> Path | None:
+    """The one place a run folder path is built (SAE, MLP and LM runs alike): save_dir /
+    (run_name or default_name()); None when save_dir is None (the run writes nothing)."""
+    if save_dir is None:
+        return None
+    return Path(save_dir) / (run_name or default_name())
+
+
+def sae_run_name(
+    positions: Sequence[str], dict_size_to_input_ratio: float, loss: LossConfig, seed: int
+) -> str:
+    """Default name of an SAE run folder from what tells runs apart:
+    `blocks-6-hook_resid_pre_ratio4_sparsity1.5_logits_kl1_seed0` (positions, dictionary size
+    ratio, the nonzero loss coefficients, seed)."""
+    coeffs = "_".join(f"{k}{v:g}" for k, v in loss.coeffs().items() if v)
+    return (
+        f"{'+'.join(hook_to_key(p) for p in positions)}_ratio{dict_size_to_input_ratio:g}_{coeffs}_seed{seed}"
+    )
+
+
+def make_folder(folder: Path) -> None:
+    """Create a folder a run will write into (and its parents) now, after every other check:
+    a save_dir that cannot hold it fails here in one line, not after training.
+
+    Raises:
+        ConfigError: `save_dir: ...` when a parent is a file or the folder cannot be created.
+    """
+    for path in (folder, *folder.parents):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"save_dir: {path} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"save_dir: cannot create {folder} ({exc.strerror})") from None
 
 
 def save_sae_weights(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
@@ -55,7 +94,7 @@ def save_run(
 
 def load_sae_state(path: str | Path) -> dict[str, torch.Tensor]:
     """SAE weights from a run folder (its `sae.safetensors`), a `.safetensors` file, or a
-    reference-library `.pt` state dict (DESIGN.md §12), keyed `<hook-key>.encoder.0.weight`,
+    reference-library `.pt` state dict (docs/design.md §12), keyed `<hook-key>.encoder.0.weight`,
     `.encoder.0.bias`, `.decoder.weight` (d_in, n_dict), `.decoder.bias`.
 
     Decoder columns are normalized to unit L2 norm: some released checkpoints store decoders
@@ -99,7 +138,7 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     return load_config(Path(run_dir) / CONFIG_FILE)
 
 
-# --- resume checkpoints (DESIGN.md §11: a trial's work is never lost) -------------------------
+# --- resume checkpoints (docs/design.md §11: a trial's work is never lost) -------------------------
 
 CHECKPOINTS_DIR = "checkpoints"
 """Sub-folder of a run folder holding its latest mid-run checkpoint (removed when the run ends)."""
@@ -147,7 +186,7 @@ def save_checkpoint(
     `<param index>.<name>`) and `train_state.json` (the rest, JSON; nothing is pickled).
 
     Args:
-        run_dir: the run folder (`sparsify.trainer.run_dir_for`).
+        run_dir: the run folder (`sparsify.training.build.run_dir_for`).
         step: optimizer steps done.
         sae_state: the SAEs' state dict.
         cfg: the run's config.
