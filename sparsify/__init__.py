@@ -1,14 +1,15 @@
 """sparsify: train local, end-to-end and e2e+downstream SAEs on TransformerLens models.
 
-The public API, re-exported lazily so that torch-free modules (`sparsify.metric_names`) can be
-imported without importing torch. `train` itself is `sparsify.training.trainer.train`: `sparsify.train` is
-the command-line module, which would shadow an attribute of that name once imported.
+The public API, re-exported lazily so that torch-free modules (`sparsify.metric_names`, and
+`atomic_write_text` or `redact` from here) can be imported without importing torch. `train` is
+`sparsify.training.trainer.train`; `python -m sparsify.train` is the training command
+(`sparsify.cli.train_main`). The layout: docs/design.md §1.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "TrainConfig": "sparsify.config",
@@ -22,8 +23,8 @@ _EXPORTS = {
     "SAE": "sparsify.sae",
     "SAETransformer": "sparsify.sae_transformer",
     "TrainResult": "sparsify.training.trainer",
-    "build_model": "sparsify.training.trainer",
-    "run_dir_for": "sparsify.training.trainer",
+    "build_model": "sparsify.training.build",
+    "run_dir_for": "sparsify.training.build",
     "load_tlens_model": "sparsify.model_loading",
     "quiet_library_progress_bars": "sparsify.model_loading",
     "prepare": "sparsify.prefetch",
@@ -48,6 +49,37 @@ _EXPORTS = {
     "atomic_write_with": "sparsify.atomic",
     "redact": "sparsify.redaction",
 }
+
+if TYPE_CHECKING:  # what type checkers see (and `train` is the function, not the `-m` module)
+    from sparsify.atomic import atomic_write_text, atomic_write_with
+    from sparsify.config import (
+        EMBEDDED_MODEL_NAME,
+        DataConfig,
+        LossConfig,
+        SAEsConfig,
+        TrainConfig,
+        load_config,
+        validate_config,
+    )
+    from sparsify.errors import (
+        ConfigError,
+        DataError,
+        DataUnavailableError,
+        DivergedError,
+        HookNameError,
+        MissingPackageError,
+        SparsifyError,
+    )
+    from sparsify.export import export_saelens
+    from sparsify.model_loading import load_tlens_model, load_tokenizer, quiet_library_progress_bars
+    from sparsify.prefetch import prepare
+    from sparsify.redaction import redact
+    from sparsify.sae import SAE
+    from sparsify.sae_transformer import SAETransformer
+    from sparsify.schema import SAFE_NAME, Seed, StrictModel, read_yaml, validate_model
+    from sparsify.training.build import build_model, run_dir_for
+    from sparsify.training.tracking import ENV_FILE, load_env_file
+    from sparsify.training.trainer import TrainResult, train
 
 __all__ = sorted(_EXPORTS)  # pyright: ignore[reportUnsupportedDunderAll]
 

@@ -29,7 +29,6 @@ REFERENCE_CONFIG_FILE = "final_config.yaml"
 _as_list = BeforeValidator(lambda v: [v] if isinstance(v, str) else v)
 
 
-
 def official_model_name(name: str) -> str:
     """A TransformerLens model name or alias as its Hugging Face name, through TransformerLens's
     own alias registry (`gpt2-small` -> `gpt2`, `pythia-14m` -> `EleutherAI/pythia-14m`; case
@@ -40,6 +39,7 @@ def official_model_name(name: str) -> str:
         return get_official_model_name(name)
     except ValueError:  # not a TransformerLens name: a hub name or folder of the user's own
         return name
+
 
 class RefSparsity(StrictModel):
     coeff: float

@@ -1,4 +1,4 @@
-"""Non-dominated sets, L0 at matched CE increase, hypervolume (DESIGN.md §8).
+"""Non-dominated sets, L0 at matched CE increase, hypervolume (docs/design.md §8).
 
 Pure numpy/pandas over a results table (`sweep.results.load_results`): no Ray, no torch.
 Both objectives are minimized throughout (eval L0 or alive dictionary elements on x, eval
@@ -26,7 +26,7 @@ def _finite_xy(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 
 
 def non_dominated(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    """The non-dominated rows of `df`, minimizing both `x` and `y` (DESIGN.md §8).
+    """The non-dominated rows of `df`, minimizing both `x` and `y` (docs/design.md §8).
 
     A row is dominated if another row is <= on both columns and < on at least one. Of rows
     with exactly equal (x, y) the first is kept. Rows with a NaN or infinite x or y are
@@ -54,7 +54,7 @@ def non_dominated(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 
 
 def frontiers(df: pd.DataFrame, x: str, y: str, arm_col: str = "arm") -> dict[str, pd.DataFrame]:
-    """The frontier of each arm: its non-dominated set, sorted by x (DESIGN.md §8).
+    """The frontier of each arm: its non-dominated set, sorted by x (docs/design.md §8).
 
     Args:
         df: A results table (pass finished trials only: see `sweep.results.finished`).
@@ -83,7 +83,7 @@ def _usable_points(frontier: pd.DataFrame, x: str, y: str, log_x: bool) -> tuple
 def interpolate_x_at_y(
     frontier: pd.DataFrame, x: str, y: str, y_targets: Sequence[float] | np.ndarray, log_x: bool = True
 ) -> np.ndarray:
-    """The x (e.g. L0) a frontier needs to reach each target y (e.g. CE increase), DESIGN.md §8.
+    """The x (e.g. L0) a frontier needs to reach each target y (e.g. CE increase), docs/design.md §8.
 
     Along a frontier y decreases as x increases. For a target t between consecutive frontier
     points (x_i, y_i) and (x_j, y_j) with y_j <= t <= y_i, the segment is linear in log x:
@@ -127,7 +127,7 @@ def l0_ratio_at_matched_ce(
     y: str = EVAL_CE_LOSS_INCREASE,
     n_targets: int = 5,
 ) -> pd.DataFrame:
-    """L0 each arm needs at matched CE-loss increase, and their ratio (DESIGN.md §8).
+    """L0 each arm needs at matched CE-loss increase, and their ratio (docs/design.md §8).
 
     L0 values come from `interpolate_x_at_y` (linear in log L0 along each frontier).
 
@@ -171,7 +171,7 @@ def l0_ratio_at_matched_ce(
 
 
 def hypervolume_2d(frontier: pd.DataFrame, x: str, y: str, ref_point: tuple[float, float]) -> float:
-    """Area dominated by a frontier and bounded by a reference point, minimizing both (DESIGN.md §8).
+    """Area dominated by a frontier and bounded by a reference point, minimizing both (docs/design.md §8).
 
     With the non-dominated points strictly inside the reference box sorted by x ascending
     (so y descending), (x_1, y_1) ... (x_n, y_n), and x_{n+1} = ref x:
@@ -203,7 +203,7 @@ def hypervolume_2d(frontier: pd.DataFrame, x: str, y: str, ref_point: tuple[floa
 def shared_reference_point(
     dfs: Mapping[str, pd.DataFrame] | Iterable[pd.DataFrame], x: str, y: str
 ) -> tuple[float, float]:
-    """One hypervolume reference point for all arms (DESIGN.md §8).
+    """One hypervolume reference point for all arms (docs/design.md §8).
 
     On each axis: the maximum over all arms' finite points, times 1.1, so that every point,
     including each arm's extreme ones, dominates a box of nonzero area. (Computed as

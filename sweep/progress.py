@@ -15,14 +15,13 @@ import pandas as pd
 
 from sparsify.metric_names import EVAL_CE_LOSS_INCREASE, EVAL_L0
 from sweep.pareto import non_dominated
-from sweep.results import STATUSES, finished, load_results
+from sweep.records import STATUSES
+from sweep.results import finished, load_results
 
 FRONTIER_POINTS_SHOWN = 4
 
 
-def progress_line(
-    table: pd.DataFrame, arm: str, num_samples: int, running: int, unrecorded: dict[str, int] | None = None
-) -> str:
+def progress_line(table: pd.DataFrame, arm: str, num_samples: int, running: int) -> str:
     """One arm's progress: trials ended out of `num_samples` by status, trials running now, and
     the L0 vs CE-loss-increase (nats) frontier of its finished trials so far (lowest L0 first).
 
@@ -31,13 +30,12 @@ def progress_line(
         arm: the arm to summarize.
         num_samples: the arm's trial budget.
         running: trials of the arm running now.
-        unrecorded: ended trials without a record yet, by status (errored and ASHA-stopped
-            trials are recorded when the arm ends).
+
+    Returns:
+        The line, e.g. "[e2e] 5/8 done (4 finished, 1 diverged) · 1 running · frontier ...".
     """
     rows = table[table["arm"] == arm] if len(table) else table
     counts = rows["status"].value_counts().to_dict() if len(rows) else {}
-    for status, n in (unrecorded or {}).items():
-        counts[status] = counts.get(status, 0) + n
     by_status = ", ".join(f"{int(counts[s])} {s}" for s in STATUSES if counts.get(s, 0))
     line = f"[{arm}] {sum(counts.values())}/{num_samples} done"
     if by_status:
@@ -54,27 +52,23 @@ def progress_line(
 
 
 def make_progress_callback(sweep_dir: Path, arm: str, num_samples: int) -> Any:
-    """The Ray Tune callback printing `progress_line` whenever a trial of `arm` ends."""
+    """The Ray Tune callback printing `progress_line` whenever a trial of `arm` ends.
+
+    Every ended trial has a record by then: Tune calls `sweep.tuner.TrialRecordCallback`
+    first, so the line is read from the records alone.
+    """
     from ray import tune
 
     class ArmProgress(tune.Callback):
-        def _print(self, trials: list[Any], ended: Any, ended_as: str) -> None:
+        def _print(self, trials: list[Any], ended: Any) -> None:
             # the trial that just ended may still read RUNNING while its callbacks run
             running = sum(1 for t in trials if t.status == "RUNNING" and t is not ended)
-            table = load_results(sweep_dir)
-            recorded = set(table.loc[table["arm"] == arm, "trial_id"]) if len(table) else set()
-            unrecorded: dict[str, int] = {}
-            for t in trials:
-                has_ended = t.status in ("TERMINATED", "ERROR") or t is ended
-                if has_ended and t.trial_id not in recorded:
-                    status = ended_as if t is ended else ("error" if t.status == "ERROR" else "stopped")
-                    unrecorded[status] = unrecorded.get(status, 0) + 1
-            print(progress_line(table, arm, num_samples, running, unrecorded), flush=True)
+            print(progress_line(load_results(sweep_dir), arm, num_samples, running), flush=True)
 
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            self._print(trials, trial, "stopped")  # unless it wrote its own record
+            self._print(trials, trial)
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            self._print(trials, trial, "error")
+            self._print(trials, trial)
 
     return ArmProgress()

@@ -2,7 +2,7 @@
 
 Reads the results table (`sweep.results.load_results`) and writes, into
 `<sweep_dir>/report/`: `trials.csv`, `frontier_<arm>.csv`, `frontier_l0.png`,
-`frontier_alive.png` and `report.md` (DESIGN.md §8). No Ray, no torch; plots use
+`frontier_alive.png` and `report.md` (docs/design.md §8). No Ray, no torch; plots use
 matplotlib's Agg canvas directly, so importing this module changes no global backend.
 """
 
@@ -21,10 +21,11 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sparsify.atomic import atomic_write_text, atomic_write_with
+from sparsify import atomic_write_text, atomic_write_with
 from sparsify.metric_names import EVAL_ALIVE, EVAL_CE_LOSS_INCREASE, EVAL_L0
 from sweep.pareto import frontiers, hypervolume_2d, l0_ratio_at_matched_ce, shared_reference_point
-from sweep.results import PARAM_PREFIX, STATUSES, finished, load_results
+from sweep.records import FINISHED, STATUSES
+from sweep.results import PARAM_PREFIX, finished, load_results
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def _plot_view(
     x: str,
     x_label: str,
 ) -> None:
-    """One frontier plot: finished trials faint, each arm's frontier as a line (DESIGN.md §8)."""
+    """One frontier plot: finished trials faint, each arm's frontier as a line (docs/design.md §8)."""
     fig = Figure(figsize=(7, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -136,7 +137,7 @@ def _ratio_section(fronts: Mapping[str, pd.DataFrame]) -> str:
     ratios = l0_ratio_at_matched_ce(fronts, NUMERATOR_ARM, DENOMINATOR_ARM)
     if ratios.empty:
         return title + "The two frontiers' CE loss increase ranges do not overlap.\n"
-    intro = "L0 interpolated along each frontier, linear in log L0 (DESIGN.md §8).\n\n"
+    intro = "L0 interpolated along each frontier, linear in log L0 (docs/design.md §8).\n\n"
     headers = ["CE increase (nats/token)", f"L0 {NUMERATOR_ARM}", f"L0 {DENOMINATOR_ARM}", "ratio"]
     return title + intro + markdown_table(ratios, headers)
 
@@ -163,7 +164,7 @@ def _hypervolume_section(trials: pd.DataFrame, arms: Sequence[str]) -> str:
 
 
 def build_report(sweep_dir: str | os.PathLike[str]) -> Path:
-    """Write the CSVs, plots and markdown report of a sweep (DESIGN.md §8).
+    """Write the CSVs, plots and markdown report of a sweep (docs/design.md §8).
 
     Args:
         sweep_dir: The sweep's folder (holding `trials/<arm>/<trial_id>.json`).
@@ -207,7 +208,7 @@ def build_report(sweep_dir: str | os.PathLike[str]) -> Path:
         "![alive elements vs CE loss increase](frontier_alive.png)\n",
         _ratio_section(fronts),
         # each view keeps its own finite points (hypervolume_2d drops NaN per view)
-        _hypervolume_section(df[df["status"] == "finished"], arms),
+        _hypervolume_section(df[df["status"] == FINISHED], arms),
     ]
     report_path = out / "report.md"
     _write_text(report_path, "\n".join(sections))

@@ -1,21 +1,13 @@
-"""Stored trial records -> one results table (DESIGN.md §7, §8).
+"""Stored trial records -> one results table (docs/design.md §7, §8).
 
 Every trial of a sweep, finished or not, leaves one JSON record at
-`<sweep_dir>/trials/<arm>/<trial_id>.json`::
-
-    {"arm": "local", "trial_id": "local_00003",
-     "status": "finished" | "diverged" | "error" | "stopped",
-     "params": {"loss.sparsity.coeff": 0.5, ...},
-     "metrics": {"eval/L0": 12.3, "eval/ce_loss_increase": 0.21, ...},
-     "error": null | "one line", "wall_time_s": 123.4}
-
+`<sweep_dir>/trials/<arm>/<trial_id>.json` (format and writing: `sweep.records`).
 `load_results` turns the records into one pandas DataFrame, one row per trial; `finished`
 keeps the rows a frontier may be built from. Torch-free and Ray-free on purpose.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -25,95 +17,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sparsify.atomic import atomic_write_text
 from sparsify.metric_names import DEFAULT_OBJECTIVES
-from sparsify.redact import redact
+from sweep.records import FINISHED, TRIALS_DIR, load_record_json
 
 logger = logging.getLogger(__name__)
 
-TRIALS_DIR = "trials"
 PARAM_PREFIX = "param:"
 FIXED_COLUMNS = ("arm", "trial_id", "status", "error", "wall_time_s")
-STATUSES = ("finished", "diverged", "stopped", "error")
-"""The statuses a trial record may carry; only `finished` trials enter a frontier."""
-
-
-def trial_record_path(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> Path:
-    """The one place a trial record's path is built.
-
-    Args:
-        sweep_dir: The sweep's folder.
-        arm: The arm (SAE type) the trial belongs to, e.g. "local" or "e2e".
-        trial_id: The trial's id, e.g. "local_00003".
-
-    Returns:
-        `<sweep_dir>/trials/<arm>/<trial_id>.json`.
-
-    Raises:
-        ValueError: If `arm` or `trial_id` is empty, contains a path separator or starts
-            with "." (such names would escape the folder or look like temp files).
-    """
-    for what, name in (("arm", arm), ("trial_id", trial_id)):
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise ValueError(f"{what} must be a plain name without '/' or a leading '.' (got {name!r})")
-    return Path(sweep_dir) / TRIALS_DIR / arm / f"{trial_id}.json"
-
-
-def write_trial_record(sweep_dir: str | os.PathLike[str], record: dict[str, Any]) -> Path:
-    """Write one trial record atomically (temp file in the same folder, then `os.replace`).
-
-    A crash mid-write leaves at most a temp file whose name starts with ".", which
-    `load_results` ignores; a reader never sees half a record.
-
-    Args:
-        sweep_dir: The sweep's folder.
-        record: The record (see the module docstring); needs at least "arm", "trial_id" and
-            "status".
-
-    Returns:
-        The record's path, from `trial_record_path`.
-
-    Raises:
-        ValueError: If a required key is missing or the names are not plain names.
-    """
-    missing = [key for key in ("arm", "trial_id", "status") if key not in record]
-    if missing:
-        raise ValueError(f"trial record is missing {', '.join(missing)}")
-    path = trial_record_path(sweep_dir, record["arm"], record["trial_id"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # error messages may quote user input or exceptions: no secret reaches the sweep folder
-    atomic_write_text(path, redact(json.dumps(record, indent=2, sort_keys=True)) + "\n")
-    return path
-
-
-def read_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> dict[str, Any] | None:
-    """One trial's stored record as written, or None when it has none (or an unreadable one).
-
-    Raises:
-        ValueError: If `arm` or `trial_id` is not a plain name (see `trial_record_path`).
-    """
-    return _load_record(trial_record_path(sweep_dir, arm, trial_id))
-
-
-def _load_record(path: Path) -> dict[str, Any] | None:
-    """A record file's JSON object, or None: missing (silently), unreadable or not an object
-    (with a warning)."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        logger.warning("skipping unreadable trial record %s: %s", path, exc)
-        return None
-    if not isinstance(record, dict):
-        logger.warning("skipping trial record %s: not a JSON object", path)
-        return None
-    return record
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
     """One record as a flat row, or None (with a warning) when it cannot be used."""
-    record = _load_record(path)
+    record = load_record_json(path)
     if record is None:
         return None
     if "status" not in record:
@@ -178,7 +93,7 @@ def load_results(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def finished(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> pd.DataFrame:
-    """The trials a frontier may be built from (DESIGN.md §8, §9: stopped trials carry
+    """The trials a frontier may be built from (docs/design.md §8, §9: stopped trials carry
     half-trained values and are left out).
 
     Args:
@@ -190,7 +105,7 @@ def finished(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES) -
         The rows with status "finished" whose objective values are all finite numbers. A
         missing objective column means no row qualifies.
     """
-    keep = df["status"] == "finished"
+    keep = df["status"] == FINISHED
     for column in objectives:
         if column not in df.columns:
             return df.iloc[0:0]

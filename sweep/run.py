@@ -1,10 +1,12 @@
 """`python -m sweep.run search_space.yaml`: one Optuna study per SAE type through Ray Tune.
 
 Each arm (SAE type) gets its own multi-objective Optuna study (default objectives: eval L0 and
-eval CE-loss increase, both minimized) and the same trial budget; each trial is a Ray Train
-`TorchTrainer` (see `sweep.trial`). Results land in `<storage_path>/<name>/`; rerunning the
-same command resumes an interrupted sweep. At the end the frontier report is written
-(`sweep.report`). `--dry-run` validates the file and prints the trials without training.
+eval CE-loss increase, both minimized) and the same trial budget, run by the arm's Ray Tune
+`Tuner` (`sweep.tuner`); each trial is a Ray Train `TorchTrainer` (see `sweep.trial`). Results
+land in `<storage_path>/<name>/`; rerunning the same command resumes an interrupted sweep. At
+the end the frontier report is written (`sweep.report`). `--dry-run` validates the file and
+prints the trials without training. This module is the command line and the checks made
+before Ray starts.
 """
 
 from __future__ import annotations
@@ -18,11 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparsify.atomic import atomic_write_text
-from sparsify.errors import MissingPackageError, SparsifyError
-from sparsify.redact import redact
-from sparsify.tracking import load_env_file
-from sweep.space import Distribution, LoadedSpace, load_search_space
+from sparsify import MissingPackageError, SparsifyError, atomic_write_text, load_env_file, redact
+from sweep.space import LoadedSpace, load_search_space
 
 logger = logging.getLogger(__name__)
 
@@ -56,33 +55,6 @@ def sweep_folder(storage_path: str, name: str) -> Path:
         if folder.exists() and not folder.is_dir():
             raise SparsifyError(f"storage_path: {folder} is a file, not a folder")
     return (storage / name).resolve()
-
-
-def to_tune(dist: Distribution) -> Any:
-    """A search-space distribution as a Ray Tune sampler (OptunaSearch converts it)."""
-    from ray import tune
-
-    if dist.type in ("loguniform", "uniform", "int"):
-        assert dist.low is not None and dist.high is not None  # the schema requires them
-        if dist.type == "loguniform":
-            return tune.loguniform(dist.low, dist.high)
-        if dist.type == "uniform":
-            return tune.uniform(dist.low, dist.high)
-        return tune.randint(int(dist.low), int(dist.high) + 1)
-    return tune.choice(list(dist.values or []))
-
-
-def optuna_sampler(name: str, seed: int) -> Any:
-    """The Optuna sampler a search space names, seeded."""
-    import optuna
-
-    samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-    }
-    return samplers[name]()
 
 
 DRY_RUN_SHOWN = 20
@@ -169,119 +141,6 @@ def check_same_space(loaded: LoadedSpace, sweep_dir: Path) -> None:
     atomic_write_text(record, current)
 
 
-def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: int) -> Any:
-    """The Tuner of one arm: its own Optuna study (journal file under `optuna/`), resumed from
-    the sweep folder when an earlier run of it was interrupted."""
-    import optuna
-    from ray import tune
-
-    from sweep.progress import make_progress_callback
-    from sweep.trial import ARM_KEY, FailNonFiniteOptunaSearch, run_trial
-
-    space = loaded.space
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, space=loaded, sweep_dir=str(sweep_dir)),
-        # the driver function holds (almost) nothing; the Train workers hold the CPUs/GPUs
-        {"cpu": 0, "memory": 2**20},
-    )
-    experiment = sweep_dir / "ray_tune" / arm_name
-    if tune.Tuner.can_restore(str(experiment)):
-        logger.info("resuming arm %s from %s", arm_name, experiment)
-        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
-    journal = sweep_dir / "optuna" / f"{arm_name}.journal"
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend
-
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
-    study = optuna.create_study(
-        storage=storage,
-        study_name=arm_name,
-        load_if_exists=True,
-        directions=["minimize" if m == "min" else "maximize" for m in space.modes],
-    )
-    study.set_metric_names(space.metrics)
-    searcher = FailNonFiniteOptunaSearch(
-        metric=space.metrics, mode=space.modes, sampler=optuna_sampler(space.sampler, space.seed),
-        storage=storage, study_name=arm_name, points_to_evaluate=space.arms[arm_name].initial_points or None,
-    )  # fmt: skip
-    param_space = {ARM_KEY: arm_name, **{p: to_tune(d) for p, d in space.arms[arm_name].search.items()}}
-    return tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=asha_scheduler(loaded, arm_name),
-            num_samples=num_samples,
-            max_concurrent_trials=space.max_concurrent_trials,
-            trial_dirname_creator=lambda trial: f"{arm_name}_{trial.trial_id}",
-        ),
-        run_config=tune.RunConfig(
-            name=arm_name,
-            storage_path=str(sweep_dir / "ray_tune"),
-            verbose=1,
-            callbacks=[make_progress_callback(sweep_dir, arm_name, num_samples)],
-            progress_reporter=tune.CLIReporter(
-                metric_columns={m: m for m in space.metrics},
-                parameter_columns=list(space.arms[arm_name].search),
-                max_report_frequency=60,
-            ),
-        ),
-    )
-
-
-def asha_scheduler(loaded: LoadedSpace, arm_name: str) -> Any:
-    """The arm's ASHA scheduler (`early_stopping`), or None. Its time unit is the trial's evals
-    (each `eval_every_n_samples`, then the final one).
-
-    Raises:
-        SparsifyError: early stopping for trials that do not eval before they end.
-    """
-    rule = loaded.space.early_stopping
-    if rule is None:
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    max_evals = 1
-    for params in loaded.corner_trials(arm_name):
-        cfg = loaded.trial_config(arm_name, params)
-        if cfg.eval_every_n_samples is None or cfg.eval_data is None:
-            raise SparsifyError(
-                f"{loaded.source}: early_stopping: arms.{arm_name} trials must eval while they train; "
-                "set eval_data and eval_every_n_samples in base_config"
-            )
-        max_evals = max(max_evals, cfg.n_samples // cfg.eval_every_n_samples + 1)
-    return ASHAScheduler(
-        time_attr="training_iteration",
-        metric=rule.metric,
-        mode=rule.mode,
-        max_t=max_evals,
-        grace_period=min(rule.grace_period, max_evals),
-        reduction_factor=rule.reduction_factor,
-    )
-
-
-def record_unfinished(results: Any, arm_name: str, sweep_dir: Path) -> None:
-    """Write a trial record for every trial that errored or that ASHA stopped (finished and
-    diverged ones wrote their own). A stopped trial keeps its last, half-trained eval metrics,
-    marked `stopped` so that no frontier uses them."""
-    from sweep.results import trial_record_path, write_trial_record
-
-    for result in results:
-        trial_id = Path(result.path).name.removeprefix(f"{arm_name}_")
-        if trial_record_path(sweep_dir, arm_name, trial_id).exists():
-            continue
-        params = {k: v for k, v in (result.config or {}).items() if k != "arm"}
-        record = {"arm": arm_name, "trial_id": trial_id, "params": params, "wall_time_s": None}
-        if result.error is not None:
-            message = str(result.error).strip().splitlines()
-            error = message[-1] if message else type(result.error).__name__
-            record.update(status="error", metrics={}, error=error)
-        else:
-            metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval/")}
-            record.update(status="stopped", metrics=metrics, error="stopped early by ASHA")
-        write_trial_record(sweep_dir, record)
-
-
 SWEEP_PACKAGES = ("ray", "optuna", "pandas", "matplotlib")
 """Imported by a real sweep (not by --dry-run); installed by the `sweep` extra."""
 
@@ -340,10 +199,12 @@ def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
     dashboard = getattr(context, "dashboard_url", None)
     if dashboard:
         print(f"Ray dashboard: http://{dashboard}", flush=True)
+    from sweep.tuner import arm_tuner  # imports Ray: after start_ray has set its environment
+
     for arm_name in loaded.space.arms:
         print(f"\n=== arm {arm_name}: {num_samples} trials ===", flush=True)
-        results = arm_tuner(loaded, arm_name, sweep_dir, num_samples).fit()
-        record_unfinished(results, arm_name, sweep_dir)
+        # every trial's record is written as it ends (sweep.records, sweep.tuner)
+        arm_tuner(loaded, arm_name, sweep_dir, num_samples).fit()
     report = build_report(sweep_dir)
     print(f"\nsweep finished in {time.perf_counter() - start:.0f} s", flush=True)
     return report

@@ -1,4 +1,4 @@
-"""Search-space files (DESIGN.md §7): schema, validation, and expansion into trial configs.
+"""Search-space files (docs/design.md §7): schema, validation, and expansion into trial configs.
 
 A search space names a base training config, one or more SAE types ("arms") each with its own
 loss terms and searched parameters (dotted paths into the training config), the objectives,
@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sparsify import metric_names as names
-from sparsify.config import (
+from sparsify import (
     SAFE_NAME,
+    ConfigError,
     Seed,
     StrictModel,
     TrainConfig,
@@ -28,18 +28,7 @@ from sparsify.config import (
     validate_config,
     validate_model,
 )
-from sparsify.errors import ConfigError
-
-PRODUCED_EVAL_METRICS = (
-    names.EVAL_L0,
-    names.EVAL_CE_LOSS_INCREASE,
-    names.EVAL_ALIVE,
-    names.EVAL_KL,
-    names.EVAL_CE_SAE,
-    names.prefixed(names.EVAL, names.TOP1_AGREEMENT),
-    names.prefixed(names.EVAL, names.TOTAL_VARIATION),
-)
-"""Metrics every trial reports, so objectives may name them."""
+from sparsify import metric_names as names
 
 
 class Distribution(StrictModel):
@@ -171,9 +160,9 @@ class EarlyStopping(StrictModel):
     @field_validator("metric")
     @classmethod
     def _metric_is_reported(cls, metric: str) -> str:
-        if metric not in PRODUCED_EVAL_METRICS:
+        if metric not in names.PRODUCED_EVAL_METRICS:
             raise ValueError(
-                f"{metric!r} is not a metric trials report; allowed: {', '.join(PRODUCED_EVAL_METRICS)}"
+                f"{metric!r} is not a metric trials report; allowed: {', '.join(names.PRODUCED_EVAL_METRICS)}"
             )
         return metric
 
@@ -219,14 +208,14 @@ class SearchSpace(StrictModel):
     @classmethod
     def _objectives_exist(cls, objectives: list[Objective]) -> list[Objective]:
         for objective in objectives:
-            if objective.metric not in PRODUCED_EVAL_METRICS:
-                by_lower = {m.lower(): m for m in PRODUCED_EVAL_METRICS}
+            if objective.metric not in names.PRODUCED_EVAL_METRICS:
+                by_lower = {m.lower(): m for m in names.PRODUCED_EVAL_METRICS}
                 close = [by_lower[objective.metric.lower()]] if objective.metric.lower() in by_lower else []
-                close = close or difflib.get_close_matches(objective.metric, PRODUCED_EVAL_METRICS, n=1)
+                close = close or difflib.get_close_matches(objective.metric, names.PRODUCED_EVAL_METRICS, n=1)
                 hint = f"did you mean {close[0]}? " if close else ""
                 raise ValueError(
                     f"{objective.metric!r} is not a metric trials report; {hint}"
-                    f"allowed: {', '.join(PRODUCED_EVAL_METRICS)}"
+                    f"allowed: {', '.join(names.PRODUCED_EVAL_METRICS)}"
                 )
         return objectives
 

@@ -1,12 +1,12 @@
 """One sweep trial on Ray: the Tune driver function and the Ray Train worker function.
 
-The Train V2 pattern (DESIGN.md §9): Tune runs `run_trial` once per trial; it turns Tune's
+The Train V2 pattern (docs/design.md §9): Tune runs `run_trial` once per trial; it turns Tune's
 parameters into a `TrainConfig`, then builds and fits a `TorchTrainer` whose workers run
 `sparsify.train`. Workers call `ray.train.report` (every rank, same number of calls); the
 `TuneReportCallback` forwards rank 0's eval metrics to Tune. A diverged trial (NaN/inf loss)
 is reported with status "diverged" and NaN objectives; the sweep goes on.
 
-Never losing work (DESIGN.md §11): workers report a resume checkpoint every
+Never losing work (docs/design.md §11): workers report a resume checkpoint every
 `save_every_n_samples` (Ray Train keeps the latest); a failed worker group is restarted up to
 `resources.max_failures` times and continues from that checkpoint, and so does a trial that
 Tune restarts when an interrupted sweep is resumed (same Train run name, same storage). A trial
@@ -32,7 +32,6 @@ from ray import tune
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.search.optuna import OptunaSearch
 
 from sparsify import (
     ENV_FILE,
@@ -41,18 +40,15 @@ from sparsify import (
     TrainConfig,
     load_env_file,
     quiet_library_progress_bars,
+    redact,
+    train,
 )
 from sparsify import metric_names as names
-from sparsify.redact import redact
-from sparsify.trainer import train
-from sweep.results import read_trial_record, write_trial_record
+from sweep.records import DIVERGED, ERROR, FINISHED, TrialRecord, read_trial_record, write_trial_record
 from sweep.space import LoadedSpace
 
 logger = logging.getLogger(__name__)
 
-STATUS_FINISHED = "finished"
-STATUS_DIVERGED = "diverged"
-STATUS_ERROR = "error"
 ARM_KEY = "arm"
 """Tune config key holding the arm name; every other key is a dotted training-config path."""
 
@@ -75,11 +71,12 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         The outcome, which Ray Train hands to the driver as rank 0's `Result.return_value`:
-        `{"status": "finished", "metrics": {...}}`, `{"status": "diverged", "error": "..."}`
+        `{"status": FINISHED, "metrics": {...}}`, `{"status": DIVERGED, "error": "..."}`
         or, for a user error (`SparsifyError`, not transient) in a 1-worker trial,
-        `{"status": "error", ...}`: returned, not raised, because Ray Train retries what is
-        raised, and neither would end differently on a retry (every rank diverges at the same
-        check; with several ranks a user error is raised, since it may be one rank's alone).
+        `{"status": ERROR, ...}` (statuses from `sweep.records`): returned, not raised,
+        because Ray Train retries what is raised, and neither would end differently on a retry
+        (every rank diverges at the same check; with several ranks a user error is raised,
+        since it may be one rank's alone).
     """
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -95,6 +92,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     try:
         with _last_checkpoint() as resume_from:
+            # the function: `from sparsify import train` reads to pyright as the CLI module sparsify/train.py
             result = train(
                 cfg,
                 report=report,
@@ -104,7 +102,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
                 resume_from=resume_from,
             )
     except DivergedError as exc:
-        return {"status": STATUS_DIVERGED, "error": str(exc)}
+        return {"status": DIVERGED, "error": str(exc)}
     except SparsifyError as exc:
         if exc.transient or world_size > 1:
             # transient: Ray Train restarts the worker group (FailureConfig). Several ranks:
@@ -112,8 +110,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             # only a raise makes Ray stop them (a retry then fails fast the same way)
             raise
         # the same config would fail the same way: end the trial now, one line, no retries
-        return {"status": STATUS_ERROR, "error": str(exc)}
-    return {"status": STATUS_FINISHED, "metrics": result.metrics}
+        return {"status": ERROR, "error": str(exc)}
+    return {"status": FINISHED, "metrics": result.metrics}
 
 
 @contextmanager
@@ -148,10 +146,10 @@ def _worker_message(error: BaseException) -> str:
 def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -> None:
     """Tune function trainable: one trial = one `TorchTrainer.fit()`.
 
-    Writes the trial record (`sweep/results.py` format) when the trial finishes or diverges;
-    errors propagate to Tune, and `sweep.run` records them afterwards. A trial that already has
-    a finished or diverged record (Tune restarts the trials it had not seen end when a sweep
-    resumes) reports that record again and trains nothing.
+    Writes the trial record (`sweep.records`) when the trial finishes or diverges; errors
+    propagate to Tune, whose `sweep.tuner.TrialRecordCallback` records them as they happen. A
+    trial that already has a finished or diverged record (Tune restarts the trials it had not
+    seen end when a sweep resumes) reports that record again and trains nothing.
     """
     start = time.perf_counter()
     arm = tune_config[ARM_KEY]
@@ -159,10 +157,10 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
     trial_id = tune.get_context().get_trial_id()
     nan_objectives = {metric: math.nan for metric in space.space.metrics}
     done = read_trial_record(sweep_dir, arm, trial_id)
-    if done is not None and done.get("status") in (STATUS_FINISHED, STATUS_DIVERGED):
-        logger.info("trial %s already ended (%s); keeping its record", trial_id, done["status"])
-        kept = (done.get("metrics") or {}) if done["status"] == STATUS_FINISHED else nan_objectives
-        tune.report({**kept, "status": done["status"]})
+    if done is not None and done.status in (FINISHED, DIVERGED):
+        logger.info("trial %s already ended (%s); keeping its record", trial_id, done.status)
+        kept = done.metrics if done.status == FINISHED else nan_objectives
+        tune.report({**kept, "status": done.status})
         return
     cfg = space.trial_config(arm, params)
     cfg = cfg.model_copy(update={"save_dir": str(sweep_runs_dir(Path(sweep_dir), arm)), "run_name": trial_id})
@@ -192,7 +190,6 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
             callbacks=[EvalReportCallback()],
         ),
     )
-    record = {ARM_KEY: arm, "trial_id": trial_id, "params": params, "error": None}
     try:
         outcome = trainer.fit().return_value
     except ray.train.TrainingFailedError as exc:
@@ -200,45 +197,26 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
         raise TrialFailedError(redact(_worker_message(exc))) from None
     if not isinstance(outcome, dict):
         raise TrialFailedError(f"the training workers returned no outcome (got {outcome!r})")
-    if outcome["status"] == STATUS_ERROR:
+    if outcome["status"] == ERROR:
         raise TrialFailedError(redact(outcome["error"]))
-    if outcome["status"] == STATUS_DIVERGED:
-        write_trial_record(
-            sweep_dir,
-            {
-                **record,
-                "status": STATUS_DIVERGED,
-                "metrics": {},
-                "error": redact(outcome["error"]),
-                "wall_time_s": time.perf_counter() - start,
-            },
-        )
-        tune.report({**nan_objectives, "status": STATUS_DIVERGED})
+    if outcome["status"] == DIVERGED:
+        record = TrialRecord(
+            arm=arm, trial_id=trial_id, status=DIVERGED, params=params, metrics={},
+            error=redact(outcome["error"]), wall_time_s=time.perf_counter() - start,
+        )  # fmt: skip
+        write_trial_record(sweep_dir, record)
+        tune.report({**nan_objectives, "status": DIVERGED})
         return
     metrics = {k: v for k, v in outcome["metrics"].items() if "/" in k}
-    write_trial_record(
-        sweep_dir,
-        {**record, "status": STATUS_FINISHED, "metrics": metrics, "wall_time_s": time.perf_counter() - start},
-    )
+    record = TrialRecord(
+        arm=arm, trial_id=trial_id, status=FINISHED, params=params, metrics=metrics,
+        error=None, wall_time_s=time.perf_counter() - start,
+    )  # fmt: skip
+    write_trial_record(sweep_dir, record)
     # Tune keeps only the last result; OptunaSearch reads the objectives from it
-    tune.report({**metrics, "status": STATUS_FINISHED})
+    tune.report({**metrics, "status": FINISHED})
 
 
 class TrialFailedError(RuntimeError):
     """A trial's training failed for a reason other than divergence (message: the worker's
     last error line, secrets masked)."""
-
-
-class FailNonFiniteOptunaSearch(OptunaSearch):
-    """OptunaSearch that records a trial with NaN/missing objectives as FAIL.
-
-    Plain OptunaSearch passes NaN to `study.tell`, which Optuna 5 rejects, leaving the trial
-    RUNNING in the stored study forever.
-    """
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result is not None and not error:
-            values = [result.get(m) for m in self.metric]
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-                result, error = None, True
-        super().on_trial_complete(trial_id, result=result, error=error)

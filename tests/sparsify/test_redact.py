@@ -9,7 +9,7 @@ from conftest import tiny_train_config
 
 from sparsify.cli import train_main
 from sparsify.redaction import MASK, redact, secret_values
-from sweep.results import write_trial_record
+from sweep.records import write_trial_record
 
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a real one
 FAKE_HF_TOKEN = "hf_FakeTokenForTests1234567890"

@@ -1,4 +1,4 @@
-"""The catalogue of bad input (DESIGN.md §11): each mistake in a training config or a search
+"""The catalogue of bad input (docs/design.md §11): each mistake in a training config or a search
 space gets ONE line on stderr naming the file, the field and what is allowed, exit code 2, no
 traceback, and nothing written to the sweep folder. The ids below are the list in the notes."""
 
@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import tiny_train_config
 
-from sparsify.train import main as train_main
+from sparsify.cli import train_main  # `python -m sparsify.train` in-process
 from sweep.run import main as sweep_main
 
 Mutation = Callable[[dict[str, Any], Path], None]
@@ -284,7 +284,7 @@ def test_dry_run_of_a_huge_budget_prints_a_sample(tiny_model_dir, corpus_dir, tm
 
 def test_valid_files_pass_the_same_checks(tiny_model_dir, corpus_dir, tmp_path):
     """The unmutated files are accepted: the cases above fail because of their one change."""
-    from sparsify.config import validate_config
+    from sparsify import validate_config
     from sweep.space import load_search_space
 
     validate_config(copy.deepcopy(tiny_train_config(tiny_model_dir, corpus_dir, tmp_path)))

@@ -12,16 +12,17 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_train_config
+from safetensors.torch import load_file
 
 from sparsify import metric_names as names
-from sparsify.checkpoint import SAE_WEIGHTS, load_sae_weights
-from sparsify.trainer import train
+from sparsify import train
 from sweep.results import load_results
 from sweep.run import RAY_ENV_DEFAULTS
 from sweep.run import main as run_main
 from sweep.space import load_search_space
 from sweep.trial import sweep_runs_dir
 
+SAE_WEIGHTS = "sae.safetensors"  # a run folder's SAE weights (README)
 WEIGHT_ATOL = 1e-5
 """2 Ray workers vs 1 process: float32 summation order only (see tests/sparsify/test_ddp.py)."""
 METRIC_RTOL, METRIC_ATOL = 1e-4, 1e-6
@@ -73,7 +74,7 @@ def check_matches_one_process(space_path: Path, tiny_bridge: Any) -> dict[str, A
         torch.set_num_threads(threads)
     for key in COMPARED:
         assert row[key] == pytest.approx(reference.metrics[key], rel=METRIC_RTOL, abs=METRIC_ATOL), key
-    saved = load_sae_weights(sweep_runs_dir(sweep_dir, ARM) / row["trial_id"] / SAE_WEIGHTS)
+    saved = load_file(str(sweep_runs_dir(sweep_dir, ARM) / row["trial_id"] / SAE_WEIGHTS))
     for key, weight in reference.model.saes.state_dict().items():
         torch.testing.assert_close(saved[key], weight, rtol=0, atol=WEIGHT_ATOL)
     return row

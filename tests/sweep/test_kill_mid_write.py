@@ -17,17 +17,20 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_train_config
+from safetensors.torch import load_file
 
-from sparsify.checkpoint import CONFIG_FILE, METRICS_FILE, SAE_WEIGHTS, load_sae_weights
 from sweep.results import load_results
+
+# a run folder's files (README)
+SAE_WEIGHTS, CONFIG_FILE, METRICS_FILE = "sae.safetensors", "config.yaml", "metrics.json"
 
 WORKER = textwrap.dedent(
     """
     import sys, torch, yaml
     from pathlib import Path
-    from sparsify.config import validate_config
-    from sparsify.checkpoint import save_run
-    from sweep.results import write_trial_record
+    from sparsify import validate_config
+    from sparsify.training.checkpoint import save_run  # not public: no other way to write a run folder
+    from sweep.records import write_trial_record
 
     sweep_dir, config_path, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cfg = validate_config(yaml.safe_load(open(config_path)))
@@ -57,7 +60,7 @@ def check_sweep_folder(sweep_dir: Path) -> int:
     """Every file whole; returns the number of trial records."""
     run_dir = sweep_dir / "runs" / "local" / "trial_0"
     if (run_dir / SAE_WEIGHTS).exists():
-        weights = load_sae_weights(run_dir / SAE_WEIGHTS)
+        weights = load_file(str(run_dir / SAE_WEIGHTS))
         values = {float(t.flatten()[0]) for t in weights.values()}
         assert len(values) == 1 and all(bool((t == t.flatten()[0]).all()) for t in weights.values())
     if (run_dir / METRICS_FILE).exists():
@@ -95,5 +98,5 @@ def test_sigkill_mid_write_leaves_whole_files(tiny_model_dir, corpus_dir, tmp_pa
     worker.kill()
     worker.wait()
     check_sweep_folder(sweep_dir)
-    saved = load_sae_weights(sweep_dir / "runs" / "local" / "trial_0" / SAE_WEIGHTS)
+    saved = load_file(str(sweep_dir / "runs" / "local" / "trial_0" / SAE_WEIGHTS))
     assert torch.all(next(iter(saved.values())) >= 0)

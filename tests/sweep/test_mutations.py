@@ -17,7 +17,7 @@ from conftest import tiny_train_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparsify.train import main as train_main
+from sparsify.cli import train_main  # `python -m sparsify.train` in-process
 from sweep.run import main as sweep_main
 
 JUNK_VALUES = [None, -1, 0, 1, 2.5, -0.5, 1e12, "", "x", "blocks.1.hook_resid_pre", [], {}, True, [1, 2]]

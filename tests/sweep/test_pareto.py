@@ -1,4 +1,4 @@
-"""Tests for sweep.pareto: expected values worked out by hand (DESIGN.md §8)."""
+"""Tests for sweep.pareto: expected values worked out by hand (docs/design.md §8)."""
 
 import math
 

@@ -4,8 +4,8 @@ import pytest
 
 import sweep.report
 from sparsify.metric_names import EVAL_ALIVE, EVAL_CE_LOSS_INCREASE, EVAL_L0
+from sweep.records import write_trial_record
 from sweep.report import ReportError, build_report, main
-from sweep.results import write_trial_record
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparsify.errors import ConfigError
+from sparsify import ConfigError
 from sweep.run import main as run_main
 from sweep.space import load_search_space, set_dotted
 

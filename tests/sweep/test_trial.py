@@ -1,6 +1,7 @@
 """Worker failures inside a trial (Ray Train V2): a crashed worker is restarted from the trial's
 last checkpoint and the trial's result equals an uninterrupted run's; a diverged trial and one
-that fails on a user error are recorded once and never retried. About a minute on 2 CPU cores."""
+that fails on a user error are recorded once and never retried, the failed one while the sweep
+still runs. About a minute on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import pytest
 import torch
 import yaml
 from conftest import checkpointed_sweep_base, make_corpus
+from safetensors.torch import load_file
 
-from sparsify.checkpoint import SAE_WEIGHTS, load_sae_weights
-from sparsify.trainer import train
+import sweep.tuner
+from sparsify import train
+from sweep.records import ERROR, read_trial_record
 from sweep.results import load_results
-from sweep.run import record_unfinished
 from sweep.space import load_search_space
 
+SAE_WEIGHTS = "sae.safetensors"  # a run folder's SAE weights (README)
 TIMING = {"train/tokens_per_s"}
 LOCAL = {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}}
 ONE_COEFF = {"loss.sparsity.coeff": {"type": "categorical", "values": [1.0]}}
@@ -81,9 +84,11 @@ def crashing_ray(tmp_path_factory):
 
 
 def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_or_bad_trial_is_not_retried(
-    crashing_ray, tiny_model_dir, corpus_dir, tmp_path
+    crashing_ray, tiny_model_dir, corpus_dir, tmp_path, monkeypatch
 ):
-    from sweep.run import arm_tuner
+    from ray import tune
+
+    from sweep.tuner import arm_tuner
 
     marker, attempts = crashing_ray
     doomed = tmp_path / "doomed_corpus"
@@ -110,9 +115,18 @@ def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_or_bad_trial_is
     loaded = load_search_space(path)
     shutil.rmtree(doomed)
     sweep_dir = tmp_path / "sweeps" / "failures"
+
+    # in place of the progress line (which runs after the record callback): what the sweep
+    # folder holds for an errored trial while Tune is still handling its error
+    at_error = {}
+
+    class RecordAtError(tune.Callback):
+        def on_trial_error(self, iteration, trials, trial, **info):
+            at_error[trial.trial_id] = read_trial_record(sweep_dir, "data_gone", trial.trial_id)
+
+    monkeypatch.setattr(sweep.tuner, "make_progress_callback", lambda *args: RecordAtError())
     for arm in ("local", "diverges", "data_gone"):
-        results = arm_tuner(loaded, arm, sweep_dir, num_samples=1).fit()
-        record_unfinished(results, arm, sweep_dir)
+        arm_tuner(loaded, arm, sweep_dir, num_samples=1).fit()
     table = load_results(sweep_dir).set_index("arm")
     local, diverged, data_gone = table.loc["local"], table.loc["diverges"], table.loc["data_gone"]
 
@@ -136,7 +150,7 @@ def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_or_bad_trial_is
     # tolerance 1e-6 relative (another process, same thread count: in practice bit-identical)
     for key in set(here.metrics) - TIMING:
         assert local[key] == pytest.approx(here.metrics[key], rel=1e-6, abs=1e-9), key
-    trained = load_sae_weights(sweep_dir / "runs" / "local" / local["trial_id"] / SAE_WEIGHTS)
+    trained = load_file(str(sweep_dir / "runs" / "local" / local["trial_id"] / SAE_WEIGHTS))
     for key, value in here.model.saes.state_dict().items():
         torch.testing.assert_close(trained[key], value, rtol=1e-6, atol=1e-7)
     weight_diff = max(float((trained[k] - v).abs().max()) for k, v in here.model.saes.state_dict().items())
@@ -152,3 +166,7 @@ def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_or_bad_trial_is
     assert len(data_gone_runs) == 1, runs  # a user error: no retry either
     assert data_gone["status"] == "error"
     assert data_gone["error"].endswith(f"train_data.files: {doomed_files!r} matches no file")
+    # its record was written when it failed, not after the sweep: the same record
+    recorded = at_error[data_gone["trial_id"]]
+    assert recorded is not None and recorded.status == ERROR and recorded.error == data_gone["error"]
+    assert list(at_error) == [data_gone["trial_id"]]  # the only trial that failed

@@ -1,0 +1,194 @@
+"""Trial records (docs/design.md §7, §8): one JSON file per trial, written when the trial ends.
+
+Every trial of a sweep, finished or not, leaves one record at
+`<sweep_dir>/trials/<arm>/<trial_id>.json`::
+
+    {"arm": "local", "trial_id": "local_00003",
+     "status": "finished" | "diverged" | "stopped" | "error",
+     "params": {"loss.sparsity.coeff": 0.5, ...},
+     "metrics": {"eval/L0": 12.3, "eval/ce_loss_increase": 0.21, ...},
+     "error": null | "one line", "wall_time_s": 123.4}
+
+Finished and diverged trials write their own (`sweep.trial`); errored and early-stopped ones
+are written by the sweep's Tune callback the moment Tune ends them (`sweep.tuner`). This module
+is the one place the statuses are spelled. Torch-free and Ray-free on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from sparsify import atomic_write_text, redact
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["finished", "diverged", "stopped", "error"]
+FINISHED: Status = "finished"
+"""Trained to the end: the only status a frontier may use."""
+DIVERGED: Status = "diverged"
+"""Its loss became NaN/inf (never retried: it would diverge again)."""
+STOPPED: Status = "stopped"
+"""Stopped early by the scheduler (ASHA): its metrics are half-trained."""
+ERROR: Status = "error"
+"""Failed for another reason; `error` holds the last line of the message."""
+STATUSES: tuple[Status, ...] = get_args(Status)
+"""The statuses a trial record may carry, in the order reports list them."""
+
+STOPPED_BY_ASHA = "stopped early by ASHA"
+"""The `error` of a record with status `stopped`."""
+TRIALS_DIR = "trials"
+RECORD_KEYS = ("arm", "trial_id", "status", "params", "metrics", "error", "wall_time_s")
+REQUIRED_KEYS = ("arm", "trial_id", "status")
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial's outcome, as stored (see the module docstring for the JSON).
+
+    Attributes:
+        arm: The arm (SAE type) of the trial, e.g. "local" or "e2e".
+        trial_id: The trial's id, e.g. "local_00003".
+        status: How the trial ended.
+        params: The searched parameters, by dotted training-config path.
+        metrics: The trial's metrics by name (eval/... and others); empty for an errored trial.
+        error: One line saying why a trial did not finish; None for a finished one.
+        wall_time_s: The trial's training time; None when not measured (stopped, errored).
+    """
+
+    arm: str
+    trial_id: str
+    status: Status
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    wall_time_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as the JSON object stored on disk (every key present)."""
+        return {key: getattr(self, key) for key in RECORD_KEYS}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrialRecord:
+        """A record from its JSON object; keys other than the three required ones may be missing
+        (a null or missing `params`/`metrics` reads as empty).
+
+        Raises:
+            ValueError: If a required key is missing, a key is unknown, or a value has the
+                wrong type (e.g. a status not in `STATUSES`).
+        """
+        missing = [key for key in REQUIRED_KEYS if key not in data]
+        if missing:
+            raise ValueError(f"trial record is missing {', '.join(missing)}")
+        unknown = sorted(set(data) - set(RECORD_KEYS))
+        if unknown:
+            raise ValueError(f"trial record has unknown keys {', '.join(unknown)}")
+        status = data["status"]
+        if status not in STATUSES:
+            raise ValueError(f"trial record status must be one of {', '.join(STATUSES)} (got {status!r})")
+        for key in ("arm", "trial_id"):
+            if not isinstance(data[key], str):
+                raise ValueError(f"trial record {key} must be a string (got {data[key]!r})")
+        params, metrics = data.get("params") or {}, data.get("metrics") or {}
+        if not isinstance(params, dict) or not isinstance(metrics, dict):
+            raise ValueError("trial record 'metrics' and 'params' must be objects")
+        error, wall_time_s = data.get("error"), data.get("wall_time_s")
+        if error is not None and not isinstance(error, str):
+            raise ValueError(f"trial record error must be a string or null (got {error!r})")
+        number = isinstance(wall_time_s, int | float) and not isinstance(wall_time_s, bool)  # bool is an int
+        if wall_time_s is not None and not number:
+            raise ValueError(f"trial record wall_time_s must be a number or null (got {wall_time_s!r})")
+        return cls(
+            arm=data["arm"], trial_id=data["trial_id"], status=status, params=dict(params),
+            metrics=dict(metrics), error=error, wall_time_s=wall_time_s,
+        )  # fmt: skip
+
+
+def trial_record_path(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> Path:
+    """The one place a trial record's path is built.
+
+    Args:
+        sweep_dir: The sweep's folder.
+        arm: The arm (SAE type) the trial belongs to, e.g. "local" or "e2e".
+        trial_id: The trial's id, e.g. "local_00003".
+
+    Returns:
+        `<sweep_dir>/trials/<arm>/<trial_id>.json`.
+
+    Raises:
+        ValueError: If `arm` or `trial_id` is empty, contains a path separator or starts
+            with "." (such names would escape the folder or look like temp files).
+    """
+    for what, name in (("arm", arm), ("trial_id", trial_id)):
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"{what} must be a plain name without '/' or a leading '.' (got {name!r})")
+    return Path(sweep_dir) / TRIALS_DIR / arm / f"{trial_id}.json"
+
+
+def write_trial_record(sweep_dir: str | os.PathLike[str], record: TrialRecord | Mapping[str, Any]) -> Path:
+    """Write one trial record atomically (temp file in the same folder, then `os.replace`).
+
+    A crash mid-write leaves at most a temp file whose name starts with ".", which
+    `sweep.results.load_results` ignores; a reader never sees half a record.
+
+    Args:
+        sweep_dir: The sweep's folder.
+        record: The record, or its JSON object (checked with `TrialRecord.from_json`).
+
+    Returns:
+        The record's path, from `trial_record_path`.
+
+    Raises:
+        ValueError: If the record is not valid (see `TrialRecord.from_json`) or its names are
+            not plain names.
+    """
+    if not isinstance(record, TrialRecord):
+        record = TrialRecord.from_json(record)
+    path = trial_record_path(sweep_dir, record.arm, record.trial_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # error messages may quote user input or exceptions: no secret reaches the sweep folder
+    atomic_write_text(path, redact(json.dumps(record.to_json(), indent=2, sort_keys=True)) + "\n")
+    return path
+
+
+def read_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> TrialRecord | None:
+    """One trial's stored record, or None when it has none (or an unusable one, with a warning).
+
+    Raises:
+        ValueError: If `arm` or `trial_id` is not a plain name (see `trial_record_path`).
+    """
+    path = trial_record_path(sweep_dir, arm, trial_id)
+    data = load_record_json(path)
+    if data is None:
+        return None
+    try:
+        return TrialRecord.from_json(data)
+    except ValueError as exc:
+        logger.warning("skipping trial record %s: %s", path, exc)
+        return None
+
+
+def has_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> bool:
+    """Whether the trial has a record file (readable or not: it ended, and said so)."""
+    return trial_record_path(sweep_dir, arm, trial_id).exists()
+
+
+def load_record_json(path: Path) -> dict[str, Any] | None:
+    """A record file's JSON object, or None: missing (silently), unreadable or not an object
+    (with a warning)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("skipping unreadable trial record %s: %s", path, exc)
+        return None
+    if not isinstance(record, dict):
+        logger.warning("skipping trial record %s: not a JSON object", path)
+        return None
+    return record

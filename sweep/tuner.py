@@ -1,0 +1,246 @@
+"""One arm's Ray Tune `Tuner`: its Optuna study, ASHA scheduler and callbacks (docs/design.md §7, §9).
+
+`arm_tuner` builds (or restores) the Tuner that runs the arm's trials (`sweep.trial.run_trial`).
+Its `TrialRecordCallback` writes the record of every trial that ends without writing its own
+(an error, or a stop by ASHA) the moment Tune ends it, so the sweep folder knows every ended
+trial while the sweep runs; the progress line (`sweep.progress`) reads those records.
+Imports Ray: `sweep.run` imports this module only after `start_ray`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages.journal import JournalFileBackend
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from sparsify import SparsifyError, redact
+from sparsify import metric_names as names
+from sweep.progress import make_progress_callback
+from sweep.records import (
+    DIVERGED,
+    ERROR,
+    FINISHED,
+    STOPPED,
+    STOPPED_BY_ASHA,
+    Status,
+    TrialRecord,
+    has_trial_record,
+    write_trial_record,
+)
+from sweep.space import Distribution, LoadedSpace
+from sweep.trial import ARM_KEY, run_trial
+
+logger = logging.getLogger(__name__)
+
+
+def to_tune(dist: Distribution) -> Any:
+    """A search-space distribution as a Ray Tune sampler (OptunaSearch converts it)."""
+    if dist.type in ("loguniform", "uniform", "int"):
+        assert dist.low is not None and dist.high is not None  # the schema requires them
+        if dist.type == "loguniform":
+            return tune.loguniform(dist.low, dist.high)
+        if dist.type == "uniform":
+            return tune.uniform(dist.low, dist.high)
+        return tune.randint(int(dist.low), int(dist.high) + 1)
+    return tune.choice(list(dist.values or []))
+
+
+def optuna_sampler(name: str, seed: int) -> Any:
+    """The Optuna sampler a search space names, seeded."""
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }
+    return samplers[name]()
+
+
+def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: int) -> Any:
+    """The Tuner of one arm: its own Optuna study (journal file under `optuna/`), resumed from
+    the sweep folder when an earlier run of it was interrupted.
+
+    Args:
+        loaded: The validated search space.
+        arm_name: The arm whose trials the Tuner runs.
+        sweep_dir: The sweep's folder (records, runs, Tune and Optuna state).
+        num_samples: The arm's trial budget.
+
+    Returns:
+        A `ray.tune.Tuner`; its `fit()` runs the trials.
+
+    Raises:
+        SparsifyError: early stopping for trials that do not eval before they end.
+    """
+    space = loaded.space
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, space=loaded, sweep_dir=str(sweep_dir)),
+        # the driver function holds (almost) nothing; the Train workers hold the CPUs/GPUs
+        {"cpu": 0, "memory": 2**20},
+    )
+    experiment = sweep_dir / "ray_tune" / arm_name
+    if tune.Tuner.can_restore(str(experiment)):
+        logger.info("resuming arm %s from %s", arm_name, experiment)
+        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    journal = sweep_dir / "optuna" / f"{arm_name}.journal"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.create_study(
+        storage=storage,
+        study_name=arm_name,
+        load_if_exists=True,
+        directions=["minimize" if m == "min" else "maximize" for m in space.modes],
+    )
+    study.set_metric_names(space.metrics)
+    searcher = FailNonFiniteOptunaSearch(
+        metric=space.metrics, mode=space.modes, sampler=optuna_sampler(space.sampler, space.seed),
+        storage=storage, study_name=arm_name, points_to_evaluate=space.arms[arm_name].initial_points or None,
+    )  # fmt: skip
+    param_space = {ARM_KEY: arm_name, **{p: to_tune(d) for p, d in space.arms[arm_name].search.items()}}
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=asha_scheduler(loaded, arm_name),
+            num_samples=num_samples,
+            max_concurrent_trials=space.max_concurrent_trials,
+            trial_dirname_creator=lambda trial: f"{arm_name}_{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=arm_name,
+            storage_path=str(sweep_dir / "ray_tune"),
+            verbose=1,
+            # Tune calls callbacks in this order: the record first, which the progress line reads
+            callbacks=[
+                TrialRecordCallback(sweep_dir, arm_name),
+                make_progress_callback(sweep_dir, arm_name, num_samples),
+            ],
+            progress_reporter=tune.CLIReporter(
+                metric_columns={m: m for m in space.metrics},
+                parameter_columns=list(space.arms[arm_name].search),
+                max_report_frequency=60,
+            ),
+        ),
+    )
+
+
+def asha_scheduler(loaded: LoadedSpace, arm_name: str) -> Any:
+    """The arm's ASHA scheduler (`early_stopping`), or None. Its time unit is the trial's evals
+    (each `eval_every_n_samples`, then the final one).
+
+    Raises:
+        SparsifyError: early stopping for trials that do not eval before they end.
+    """
+    rule = loaded.space.early_stopping
+    if rule is None:
+        return None
+    max_evals = 1
+    for params in loaded.corner_trials(arm_name):
+        cfg = loaded.trial_config(arm_name, params)
+        if cfg.eval_every_n_samples is None or cfg.eval_data is None:
+            raise SparsifyError(
+                f"{loaded.source}: early_stopping: arms.{arm_name} trials must eval while they train; "
+                "set eval_data and eval_every_n_samples in base_config"
+            )
+        max_evals = max(max_evals, cfg.n_samples // cfg.eval_every_n_samples + 1)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=rule.metric,
+        mode=rule.mode,
+        max_t=max_evals,
+        grace_period=min(rule.grace_period, max_evals),
+        reduction_factor=rule.reduction_factor,
+    )
+
+
+class FailNonFiniteOptunaSearch(OptunaSearch):
+    """OptunaSearch that records a trial with NaN/missing objectives as FAIL.
+
+    Plain OptunaSearch passes NaN to `study.tell`, which Optuna 5 rejects, leaving the trial
+    RUNNING in the stored study forever.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result is not None and not error:
+            values = [result.get(m) for m in self.metric]
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                result, error = None, True
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class TrialRecordCallback(tune.Callback):
+    """Writes the record of each trial of one arm that ends without writing its own, when Tune
+    ends it: an errored trial (`error`: the last line of its error message) and one that the
+    scheduler stopped (`stopped`, keeping its last, half-trained eval metrics so that no
+    frontier uses them).
+
+    Args:
+        sweep_dir: The sweep's folder.
+        arm: The arm whose trials the Tuner runs.
+    """
+
+    def __init__(self, sweep_dir: Path, arm: str) -> None:
+        self.sweep_dir = sweep_dir
+        self.arm = arm
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._record(trial, ERROR)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._record(trial, STOPPED)  # unless it wrote its own: then it finished or diverged
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        # trials that ended without a callback, e.g. in an earlier run of a resumed sweep
+        for trial in trials:
+            if trial.status == Trial.ERROR:
+                self._record(trial, ERROR)
+            elif trial.status == Trial.TERMINATED:
+                self._record(trial, STOPPED)
+
+    def _record(self, trial: Trial, status: Status) -> None:
+        """Write `trial`'s record, ended as `status` (error or stopped), unless it has one."""
+        # a finished or diverged trial wrote its record before it reported its status: the
+        # status also covers a shared filesystem that shows the driver that file late
+        if trial.last_result.get("status") in (FINISHED, DIVERGED):
+            return
+        if has_trial_record(self.sweep_dir, self.arm, trial.trial_id):
+            return
+        params = {k: v for k, v in (trial.config or {}).items() if k != ARM_KEY}
+        if status == ERROR:
+            error, metrics = trial_error_line(trial), {}
+        else:
+            error = STOPPED_BY_ASHA
+            metrics = {k: v for k, v in trial.last_result.items() if k.startswith(f"{names.EVAL}/")}
+        record = TrialRecord(
+            arm=self.arm, trial_id=trial.trial_id, status=status, params=params, metrics=metrics, error=error
+        )
+        write_trial_record(self.sweep_dir, record)
+
+
+def trial_error_line(trial: Trial) -> str:
+    """The last line of a failed trial's latest error message, secrets masked.
+
+    Tune appends `str(error)` to the trial's `error.txt` on the driver (`Trial.handle_error`,
+    before it calls `on_trial_error`) and copies it to the storage folder only at its next
+    experiment checkpoint, so the driver's copy is read first; the text, never the pickled
+    error (nothing here unpickles files).
+    """
+    text = ""
+    try:
+        if trial.error_file and Path(trial.error_file).is_file():
+            text = Path(trial.error_file).read_text(encoding="utf-8", errors="replace")
+        else:
+            text = str(trial.get_error() or "")
+    except Exception as exc:  # a record with a vaguer error beats a crashed sweep
+        logger.warning("could not read the error of trial %s: %s", trial.trial_id, exc)
+    lines = text.strip().splitlines()
+    return redact(lines[-1]) if lines else "failed without an error message"
