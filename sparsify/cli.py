@@ -77,7 +77,7 @@ def train_main(argv: list[str] | None = None) -> int:
     load_env_file()  # W&B credentials, if a .env is here
     return run_config_command(
         "python -m sparsify.train",
-        "train SAEs from one config file, no Ray needed",
+        "python -m sparsify.train config.yaml: train SAEs from one config file, no Ray needed",
         "training config YAML (ours, or the reference library's)",
         _train_from_file,
         argv,

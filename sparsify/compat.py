@@ -24,8 +24,6 @@ from sparsify.schema import SAFE_NAME, Seed, StrictModel, read_yaml, validate_mo
 REFERENCE_CONFIG_FILE = "final_config.yaml"
 """The resolved config the reference writes next to its `samples_<N>.pt` checkpoints."""
 
-"""TransformerLens 2 model names that differ from the Hugging Face name TransformerLens 4 loads."""
-
 _as_list = BeforeValidator(lambda v: [v] if isinstance(v, str) else v)
 
 

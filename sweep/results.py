@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from sparsify.metric_names import DEFAULT_OBJECTIVES
-from sweep.records import FINISHED, TRIALS_DIR, load_record_json
+from sweep.records import FINISHED, TRIALS_DIR, TrialRecord, load_record_json
 
 logger = logging.getLogger(__name__)
 
@@ -27,28 +27,21 @@ FIXED_COLUMNS = ("arm", "trial_id", "status", "error", "wall_time_s")
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
-    """One record as a flat row, or None (with a warning) when it cannot be used."""
-    record = load_record_json(path)
-    if record is None:
+    """One record as a flat row, or None (with a warning) when it cannot be used: the same
+    check as `sweep.records.read_trial_record` (`TrialRecord.from_json`)."""
+    data = load_record_json(path)
+    if data is None:
         return None
-    if "status" not in record:
-        logger.warning("skipping trial record %s: no 'status'", path)
+    # the path is built from arm and trial_id, so it is the fallback for both
+    data = {"arm": path.parent.name, "trial_id": path.stem, **data}
+    try:
+        record = TrialRecord.from_json(data)
+    except ValueError as exc:
+        logger.warning("skipping trial record %s: %s", path, exc)
         return None
-    metrics = record.get("metrics") or {}
-    params = record.get("params") or {}
-    if not isinstance(metrics, dict) or not isinstance(params, dict):
-        logger.warning("skipping trial record %s: 'metrics' and 'params' must be objects", path)
-        return None
-    row: dict[str, Any] = {**metrics, **{f"{PARAM_PREFIX}{key}": value for key, value in params.items()}}
-    # the fixed fields last, so no metric key can shadow them; the path is built from arm
-    # and trial_id, so it is the fallback for both
-    row.update(
-        arm=record.get("arm", path.parent.name),
-        trial_id=record.get("trial_id", path.stem),
-        status=record["status"],
-        error=record.get("error"),
-        wall_time_s=record.get("wall_time_s"),
-    )
+    row: dict[str, Any] = {**record.metrics, **{f"{PARAM_PREFIX}{k}": v for k, v in record.params.items()}}
+    # the fixed fields last, so no metric key can shadow them
+    row.update({column: getattr(record, column) for column in FIXED_COLUMNS})
     return row
 
 

@@ -78,15 +78,15 @@ def micro_batches(
     tokens = iter_batches(cfg.train_data, tokenizer, rank_batch_size, n_used, "n_samples", rank, world_size)
     stream: Iterator[MicroBatch]
     if wants_activation_cache(cfg, model, n_used):
-        cache = activation_cache(model, cfg, tokens, rank)  # replaces the token stream
-        stream = (MicroBatch(None, acts) for acts in cache.batches(rank_batch_size))
-    else:
-        stream = (MicroBatch(batch.to(model.model_device)) for batch in tokens)
-    if cfg.saes.decoder_bias_init == "data_mean" and not resumed:
+        cached = activation_cache(model, cfg, tokens, rank).batches(rank_batch_size)  # replaces the tokens
+        stream = (MicroBatch(None, acts) for acts in itertools.islice(cached, skip, None))
+    else:  # skipped batches stay on the CPU
+        stream = (MicroBatch(batch.to(model.model_device)) for batch in itertools.islice(tokens, skip, None))
+    if cfg.saes.decoder_bias_init == "data_mean" and not resumed:  # then skip is 0
         first = next(stream)
         init_decoder_bias(model, first)
         stream = itertools.chain([first], stream)
-    return itertools.islice(stream, skip, None)
+    return stream
 
 
 def init_decoder_bias(model: SAETransformer, batch: MicroBatch) -> None:

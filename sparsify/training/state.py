@@ -156,7 +156,7 @@ def train_state_json(
     world_size: int,
     tracker: Tracker,
 ) -> dict[str, Any]:
-    """The trainer's part of a checkpoint (JSON): what `_resume` restores besides the tensors,
+    """The trainer's part of a checkpoint (JSON): what `restore` restores besides the tensors,
     and the W&B run id a resumed run continues. Collective under torch.distributed (the log
     window is averaged over ranks)."""
     return {

@@ -55,3 +55,12 @@ def test_cli_unknown_hook_lists_close_names(tiny_model_dir, corpus_dir, tmp_path
         f"error: {path}: saes.sae_positions: the model has no hook 'blocks.1.hook_resid_pr'; closest:"
     )
     assert "\n" not in err
+
+
+def test_importing_the_command_module_leaves_train_the_function():
+    import sparsify
+    import sparsify.train  # noqa: F401 (what would shadow the function if it were a plain module)
+    from sparsify import train
+    from sparsify.training.trainer import train as trainer_train
+
+    assert train is trainer_train and sparsify.train is trainer_train

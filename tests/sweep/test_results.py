@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparsify.metric_names import EVAL_ALIVE, EVAL_CE_LOSS_INCREASE, EVAL_L0
-from sweep.records import write_trial_record
+from sweep.records import read_trial_record, write_trial_record
 from sweep.results import finished, load_results
 
 
@@ -33,6 +33,7 @@ def sweep_dir(tmp_path):
     (local / ".local_00002.json.abc.tmp").write_text('{"arm": "local", "trial_id": "loc')
     (local / "local_00003.json").write_text("{not json")
     (local / "local_00004.json").write_text("[1, 2]")
+    (local / "local_00005.json").write_text('{"arm": "local", "trial_id": "local_00005", "status": "done"}')
     return tmp_path
 
 
@@ -53,6 +54,8 @@ def test_load_gives_one_sorted_row_per_readable_record(sweep_dir, caplog):
     assert df["wall_time_s"].tolist() == [12.5, 12.5, 12.5]
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "local_00003.json" in warned and "local_00004.json" in warned
+    assert "local_00005.json" in warned  # an unknown status: the table and read_trial_record agree
+    assert read_trial_record(sweep_dir, "local", "local_00005") is None
     assert "local_00002" not in warned  # temp files are ignored silently
 
 
