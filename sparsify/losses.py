@@ -48,7 +48,8 @@ def logits_kl_loss(
     """KL(P_orig || P_sae) of next-token distributions in nats, mean over tokens (docs/design.md §4).
 
     KL = sum_v p_orig(v) (log p_orig(v) - log p_sae(v)), computed in float32 whatever the
-    logits' dtype. Memory: block by block (about `KL_CHUNK_ELEMENTS` float32 entries of
+    logits' dtype; a vocabulary entry with p_orig(v) = 0 (a -inf logit, e.g. a masked token)
+    adds 0, and gets gradient p_sae(v) / n_tokens (0 when the SAE model masks it too). Memory: block by block (about `KL_CHUNK_ELEMENTS` float32 entries of
     temporaries at a time), and the forward stores only the gradient for the backward, in the
     logits' dtype: the closed form d KL / d sae_logits = (p_sae - p_orig) / n_tokens (and,
     should the original logits need one, p_orig (log p_orig - log p_sae - KL_token) / n_tokens).
@@ -99,7 +100,9 @@ class _LogitsKL(torch.autograd.Function):
             orig_logprobs = F.log_softmax(orig[seqs, pos].float(), dim=-1)
             sae_logprobs = F.log_softmax(sae[seqs, pos].float(), dim=-1)
             orig_probs = orig_logprobs.exp()
-            log_ratio = orig_logprobs - sae_logprobs
+            # a token the original model rules out (logit -inf, p = 0) adds 0 to KL, whatever
+            # the SAE model gives it: 0 * (-inf - -inf) would be NaN
+            log_ratio = torch.where(orig_probs > 0, orig_logprobs - sae_logprobs, 0.0)
             per_token = (orig_probs * log_ratio).sum(dim=-1, keepdim=True)
             total += per_token.sum()
             if grad_sae is not None:

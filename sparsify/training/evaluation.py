@@ -35,13 +35,23 @@ class MeanAccumulator:
             self.weights[key] += weight
 
     def means(self) -> dict[str, float]:
+        """Weighted mean of each name over everything added (on every rank, when distributed:
+        collective); NaN for a name that got no weight. A rank that added nothing still takes
+        part, so ranks may hold different names (e.g. a rank whose eval share is empty)."""
         keys = sorted(self.sums)
-        if dist.is_available() and dist.is_initialized() and keys:
+        if dist.is_available() and dist.is_initialized():
+            every_rank: list[list[str] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(every_rank, keys)
+            keys = sorted({key for rank_keys in every_rank for key in rank_keys or ()})
+            if not keys:
+                return {}
             packed = torch.tensor(
-                [[self.sums[k], self.weights[k]] for k in keys], dtype=torch.float64, device=self.device
+                [[self.sums.get(k, 0.0), self.weights.get(k, 0.0)] for k in keys],
+                dtype=torch.float64,
+                device=self.device,
             )
             dist.all_reduce(packed)
-            return {k: (s / w if w else math.nan) for k, (s, w) in zip(keys, packed.tolist(), strict=False)}
+            return {k: (s / w if w else math.nan) for k, (s, w) in zip(keys, packed.tolist(), strict=True)}
         return {k: self.sums[k] / self.weights[k] for k in keys}
 
 
@@ -125,8 +135,8 @@ def evaluate(
         tokenizer,
         max(1, cfg.batch_size // world_size),
         # rank r reads sequences r, r + world_size, ...: together exactly the first eval_n_samples
-        # (at least 1 each, so every rank has the same metric keys to all-reduce)
-        max(1, shard_size(cfg.eval_n_samples, rank, world_size)),
+        # (a rank whose share is empty reads none and adds nothing to the means)
+        shard_size(cfg.eval_n_samples, rank, world_size),
         "eval_n_samples",
         rank,
         world_size,

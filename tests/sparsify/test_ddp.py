@@ -124,6 +124,8 @@ VARIANTS = {
     },
     # eval and alive counts over sequence counts that do not split evenly over 2 ranks
     "odd_eval_counts": {"n_samples": 16, "eval_n_samples": 7, "act_frequency_n_tokens": 16 * 5},
+    # fewer eval and alive sequences than ranks: rank 1's share is empty
+    "one_eval_sequence": {"n_samples": 16, "eval_n_samples": 1, "act_frequency_n_tokens": 16},
 }
 
 
@@ -196,13 +198,17 @@ def test_data_mean_decoder_bias_is_the_global_batch_mean_on_every_rank(runs):
     torch.testing.assert_close(rank0["init_bias"][hook], expected, rtol=0, atol=1e-6)
 
 
-def test_eval_over_counts_that_do_not_split_evenly_reads_the_same_sequences(runs):
-    (single,) = runs["odd_eval_counts_world1"]
-    rank0, _ = runs["odd_eval_counts_world2"]
+@pytest.mark.parametrize("variant", ["odd_eval_counts", "one_eval_sequence"])
+def test_eval_over_counts_that_do_not_split_evenly_reads_the_same_sequences(runs, variant):
+    """Exactly `eval_n_samples` sequences whatever the world size (a rank with an empty share
+    reads none and adds nothing to the means), so 2 ranks report 1 rank's eval."""
+    (single,) = runs[f"{variant}_world1"]
+    rank0, rank1 = runs[f"{variant}_world2"]
     for key in (names.EVAL_L0, names.EVAL_CE_LOSS_INCREASE, names.EVAL_KL, names.EVAL_ALIVE):
         assert rank0["metrics"][key] == pytest.approx(
             single["metrics"][key], rel=METRIC_RTOL, abs=METRIC_ATOL
         ), key
+        assert rank1["metrics"][key] == rank0["metrics"][key], key
 
 
 def test_train_window_averages_over_ranks_and_a_rank_that_diverges_stops_both(runs):

@@ -84,6 +84,31 @@ def test_logits_kl_of_bf16_logits_computes_in_float32_and_returns_bf16_gradients
     assert value.item() == pytest.approx(_plain_kl(orig.float(), sae.float()).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sae_masks_too", [True, False])
+def test_logits_kl_leaves_out_tokens_the_original_model_masks(dtype, sae_masks_too):
+    """A -inf original logit (p_orig = 0) adds 0 to KL(P_orig || P_sae) and to its gradient,
+    instead of 0 * (-inf - -inf) = NaN; the rest equals the KL over the unmasked tokens."""
+    torch.manual_seed(3)
+    orig, sae = torch.randn(2, 3, 7) * 2, torch.randn(2, 3, 7) * 2
+    masked = torch.zeros(7, dtype=torch.bool)
+    masked[[1, 4]] = True
+    orig[..., masked] = -math.inf
+    if sae_masks_too:
+        sae[..., masked] = -math.inf
+    sae_in = sae.to(dtype).requires_grad_(True)
+    value = logits_kl_loss(orig.to(dtype), sae_in)
+    value.backward()
+    # by hand: p_orig lives on the 5 unmasked tokens; p_sae is normalized over all 7 (or 5)
+    p_orig = orig.to(dtype).double()[..., ~masked].softmax(-1)
+    log_p_sae = sae.to(dtype).double().log_softmax(-1)[..., ~masked]
+    expected = (p_orig * (p_orig.log() - log_p_sae)).sum(-1).mean()
+    assert math.isfinite(value.item()) and value.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert sae_in.grad is not None and torch.isfinite(sae_in.grad.float()).all()
+    p_sae_masked = sae.to(dtype).double().softmax(-1)[..., masked]  # d KL / d sae_logit = p_sae - 0
+    torch.testing.assert_close(sae_in.grad.double()[..., masked], p_sae_masked / 6, atol=1e-3, rtol=1e-2)
+
+
 def test_logits_kl_refuses_logits_of_different_shapes():
     with pytest.raises(ValueError, match=r"logits shapes differ: \(1, 5, 7\) and \(3, 5, 7\)"):
         logits_kl_loss(torch.randn(1, 5, 7), torch.randn(3, 5, 7))
