@@ -39,6 +39,7 @@ _EXPORTS = {
     "HookNameError": "sparsify.errors",
     "MissingPackageError": "sparsify.errors",
     "DivergedError": "sparsify.errors",
+    "StorageError": "sparsify.errors",
     # used by `sweep` (general plumbing, not SAE math)
     "train": "sparsify.training.trainer",
     "StrictModel": "sparsify.schema",
@@ -47,11 +48,13 @@ _EXPORTS = {
     "Seed": "sparsify.schema",
     "atomic_write_text": "sparsify.atomic",
     "atomic_write_with": "sparsify.atomic",
+    "check_writable": "sparsify.atomic",
+    "make_folders": "sparsify.atomic",
     "redact": "sparsify.redaction",
 }
 
 if TYPE_CHECKING:  # what type checkers see (and `train` is the function, not the `-m` module)
-    from sparsify.atomic import atomic_write_text, atomic_write_with
+    from sparsify.atomic import atomic_write_text, atomic_write_with, check_writable, make_folders
     from sparsify.config import (
         EMBEDDED_MODEL_NAME,
         DataConfig,
@@ -69,6 +72,7 @@ if TYPE_CHECKING:  # what type checkers see (and `train` is the function, not th
         HookNameError,
         MissingPackageError,
         SparsifyError,
+        StorageError,
     )
     from sparsify.export import export_saelens
     from sparsify.model_loading import load_tlens_model, load_tokenizer, quiet_library_progress_bars

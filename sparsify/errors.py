@@ -36,6 +36,18 @@ class MissingPackageError(SparsifyError):
     """An optional package is needed; the message says how to install it."""
 
 
+class StorageError(SparsifyError, OSError):
+    """The storage refused a write: `cannot write <filename>: <strerror>`.
+
+    Also an OSError (`errno`, `strerror`, `filename`), so code that handles OSError still
+    does; as a SparsifyError the command lines print it as one line and a sweep records the
+    trial as an error at once instead of retrying it.
+    """
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
 class DivergedError(Exception):
     """A loss became NaN or inf. Not a user mistake: the sweep records the trial as diverged.
 

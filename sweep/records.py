@@ -4,13 +4,15 @@ Every trial of a sweep, finished or not, leaves one record at
 `<sweep_dir>/trials/<arm>/<trial_id>.json`::
 
     {"arm": "local", "trial_id": "local_00003",
-     "status": "finished" | "diverged" | "stopped" | "error",
+     "status": "finished" | "diverged" | "stopped" | "error" | "interrupted",
      "params": {"loss.sparsity.coeff": 0.5, ...},
      "metrics": {"eval/L0": 12.3, "eval/ce_loss_increase": 0.21, ...},
      "error": null | "one line", "wall_time_s": 123.4}
 
-Finished and diverged trials write their own (`sweep.trial`); errored and early-stopped ones
-are written by the sweep's Tune callback the moment Tune ends them (`sweep.tuner`). This module
+Finished and diverged trials write their own (`sweep.trial`); errored, early-stopped and
+interrupted ones are written by the sweep's Tune callback the moment Tune ends them
+(`sweep.tuner`). An `interrupted` record is the only one that is not final: the trial resumes
+from its checkpoint when the sweep is rerun, and its next end replaces the record. This module
 is the one place the statuses are spelled. Torch-free and Ray-free on purpose.
 """
 
@@ -28,7 +30,7 @@ from sparsify import atomic_write_text, redact
 
 logger = logging.getLogger(__name__)
 
-Status = Literal["finished", "diverged", "stopped", "error"]
+Status = Literal["finished", "diverged", "stopped", "error", "interrupted"]
 FINISHED: Status = "finished"
 """Trained to the end: the only status a frontier may use."""
 DIVERGED: Status = "diverged"
@@ -37,11 +39,20 @@ STOPPED: Status = "stopped"
 """Stopped early by the scheduler (ASHA): its metrics are half-trained."""
 ERROR: Status = "error"
 """Failed for another reason; `error` holds the last line of the message."""
+INTERRUPTED: Status = "interrupted"
+"""Was running when the sweep was stopped (Ctrl-C): its metrics are its last, half-trained eval.
+Not an outcome: rerunning the sweep trains it again from its last checkpoint, and the record of
+how it then ends replaces this one."""
 STATUSES: tuple[Status, ...] = get_args(Status)
 """The statuses a trial record may carry, in the order reports list them."""
 
+ENDED_STATUSES: tuple[Status, ...] = tuple(s for s in STATUSES if s != INTERRUPTED)
+"""The statuses of trials that ended: their records are final (never replaced)."""
+
 STOPPED_BY_ASHA = "stopped early by ASHA"
 """The `error` of a record with status `stopped`."""
+INTERRUPTED_BY_USER = "the sweep was interrupted while this trial ran; rerunning the sweep resumes it"
+"""The `error` of a record with status `interrupted`."""
 TRIALS_DIR = "trials"
 RECORD_KEYS = ("arm", "trial_id", "status", "params", "metrics", "error", "wall_time_s")
 REQUIRED_KEYS = ("arm", "trial_id", "status")
@@ -176,6 +187,16 @@ def read_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str
 def has_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> bool:
     """Whether the trial has a record file (readable or not: it ended, and said so)."""
     return trial_record_path(sweep_dir, arm, trial_id).exists()
+
+
+def has_final_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> bool:
+    """Whether the trial has a record file that says it ended: any record but an `interrupted`
+    one (an unreadable file counts as final: something ended it, and it is not overwritten)."""
+    path = trial_record_path(sweep_dir, arm, trial_id)
+    if not path.exists():
+        return False
+    data = load_record_json(path)
+    return data is None or data.get("status") != INTERRUPTED
 
 
 def load_record_json(path: Path) -> dict[str, Any] | None:

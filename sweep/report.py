@@ -1,8 +1,10 @@
-"""`python -m sweep.report <sweep folder>`: CSV tables, frontier plots and a markdown report.
+"""`python -m sweep.report <sweep folder> [--out DIR|-]`: CSV tables, frontier plots, markdown report.
 
 Reads the results table (`sweep.results.load_results`) and writes, into
-`<sweep_dir>/report/`: `trials.csv`, `frontier_<arm>.csv`, `frontier_l0.png`,
-`frontier_alive.png` and `report.md` (docs/design.md §8). No Ray, no torch; plots use
+`<sweep_dir>/report/` (or the folder `--out DIR` names): `trials.csv`, `frontier_<arm>.csv`,
+`frontier_l0.png`, `frontier_alive.png` and `report.md` (docs/design.md §8). `--out -` prints
+the markdown report to stdout instead and writes nothing at all (no plots, no CSVs); with
+`--out` a finished sweep on read-only storage can still be read. No Ray, no torch; plots use
 matplotlib's Agg canvas directly, so importing this module changes no global backend.
 """
 
@@ -14,6 +16,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +24,7 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sparsify import atomic_write_text, atomic_write_with
+from sparsify import StorageError, atomic_write_text, atomic_write_with, check_writable, make_folders
 from sparsify.metric_names import EVAL_ALIVE, EVAL_CE_LOSS_INCREASE, EVAL_L0
 from sweep.pareto import frontiers, hypervolume_2d, l0_ratio_at_matched_ce, shared_reference_point
 from sweep.records import FINISHED, STATUSES
@@ -30,6 +33,9 @@ from sweep.results import PARAM_PREFIX, finished, load_results
 logger = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
+"""The report's default folder, inside the sweep folder."""
+STDOUT = "-"
+"""`--out -`: print the markdown report, write nothing."""
 NUMERATOR_ARM, DENOMINATOR_ARM = "local", "e2e"
 CE_LABEL = "eval CE loss increase (nats/token)"
 VIEWS = {
@@ -163,19 +169,24 @@ def _hypervolume_section(trials: pd.DataFrame, arms: Sequence[str]) -> str:
     return "".join(lines) + "\n" + markdown_table(table)
 
 
-def build_report(sweep_dir: str | os.PathLike[str]) -> Path:
-    """Write the CSVs, plots and markdown report of a sweep (docs/design.md §8).
+@dataclass(frozen=True)
+class _Results:
+    """A sweep's results table and its frontiers, as the report shows them."""
 
-    Args:
-        sweep_dir: The sweep's folder (holding `trials/<arm>/<trial_id>.json`).
+    df: pd.DataFrame
+    arms: list[str]
+    done: pd.DataFrame
+    fronts: dict[str, pd.DataFrame]
+    alive_done: pd.DataFrame
+    alive_fronts: dict[str, pd.DataFrame]
 
-    Returns:
-        The path of `<sweep_dir>/report/report.md`.
+
+def _load(sweep_dir: Path) -> _Results:
+    """Read a sweep's trial records (nothing is written).
 
     Raises:
         ReportError: If the folder does not exist or holds no readable trial record.
     """
-    sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise ReportError(f"sweep folder not found: {sweep_dir}")
     df = load_results(sweep_dir)
@@ -184,40 +195,92 @@ def build_report(sweep_dir: str | os.PathLike[str]) -> Path:
     for column in (EVAL_L0, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE):
         if column not in df.columns:
             df[column] = float("nan")
-    arms = sorted(df["arm"].unique())
     done = finished(df)
-    fronts = frontiers(done, EVAL_L0, EVAL_CE_LOSS_INCREASE)
     alive_done = finished(df, (EVAL_ALIVE, EVAL_CE_LOSS_INCREASE))
-    alive_fronts = frontiers(alive_done, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE)
+    return _Results(
+        df=df,
+        arms=sorted(df["arm"].unique()),
+        done=done,
+        fronts=frontiers(done, EVAL_L0, EVAL_CE_LOSS_INCREASE),
+        alive_done=alive_done,
+        alive_fronts=frontiers(alive_done, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE),
+    )
 
-    out = sweep_dir / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "trials.csv", df)
-    for arm in arms:
-        _write_csv(out / f"frontier_{arm}.csv", fronts.get(arm, df.iloc[0:0]))
-    _plot_view(out / "frontier_l0.png", done, fronts, arms, *VIEWS["frontier_l0"])
-    _plot_view(out / "frontier_alive.png", alive_done, alive_fronts, arms, *VIEWS["frontier_alive"])
 
+NO_PLOT = "(No plot in a printed report: `python -m sweep.report <sweep folder> --out DIR` draws it.)\n"
+
+
+def _markdown(sweep_dir: Path, results: _Results, plots: bool) -> str:
+    """The markdown report; `plots`: it sits beside the two PNGs (else it says where to get them)."""
+    df, arms, fronts = results.df, results.arms, results.fronts
     name = sweep_dir.resolve().name
     sections = [
         f"# Sweep report: {name}\n\n{len(df)} trials in `{sweep_dir}`; frontiers use finished trials only.\n",
         "## Trials per arm\n\n" + markdown_table(_counts_table(df)),
-        "## Frontiers: L0 vs CE loss increase\n\n![L0 vs CE loss increase](frontier_l0.png)\n",
+        "## Frontiers: L0 vs CE loss increase\n\n"
+        + ("![L0 vs CE loss increase](frontier_l0.png)\n" if plots else NO_PLOT),
         *(_frontier_section(arm, fronts.get(arm, df.iloc[0:0])) for arm in arms),
         "## Alive dictionary elements vs CE loss increase\n\n"
-        "![alive elements vs CE loss increase](frontier_alive.png)\n",
+        + ("![alive elements vs CE loss increase](frontier_alive.png)\n" if plots else NO_PLOT),
         _ratio_section(fronts),
         # each view keeps its own finite points (hypervolume_2d drops NaN per view)
         _hypervolume_section(df[df["status"] == FINISHED], arms),
     ]
+    return "\n".join(sections)
+
+
+def report_text(sweep_dir: str | os.PathLike[str]) -> str:
+    """The markdown report of a sweep, without plots, writing nothing (e.g. for a sweep on
+    read-only storage).
+
+    Raises:
+        ReportError: If the folder does not exist or holds no readable trial record.
+    """
+    sweep_dir = Path(sweep_dir)
+    return _markdown(sweep_dir, _load(sweep_dir), plots=False)
+
+
+def build_report(sweep_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write the CSVs, plots and markdown report of a sweep (docs/design.md §8).
+
+    Args:
+        sweep_dir: The sweep's folder (holding `trials/<arm>/<trial_id>.json`); only read.
+        out_dir: Where to write the report (created if missing); by default
+            `<sweep_dir>/report`.
+
+    Returns:
+        The path of `<out_dir>/report.md`.
+
+    Raises:
+        ReportError: If the folder does not exist or holds no readable trial record.
+        StorageError: If the report folder cannot be written (read-only, full, ...): checked
+            before anything is written; `filename` is the folder, or the file that failed.
+    """
+    sweep_dir = Path(sweep_dir)
+    results = _load(sweep_dir)
+    out = sweep_dir / REPORT_DIR if out_dir is None else Path(out_dir)
+    make_folders(out)
+    check_writable(out)
+    _write_csv(out / "trials.csv", results.df)
+    for arm in results.arms:
+        _write_csv(out / f"frontier_{arm}.csv", results.fronts.get(arm, results.df.iloc[0:0]))
+    _plot_view(out / "frontier_l0.png", results.done, results.fronts, results.arms, *VIEWS["frontier_l0"])
+    _plot_view(
+        out / "frontier_alive.png",
+        results.alive_done,
+        results.alive_fronts,
+        results.arms,
+        *VIEWS["frontier_alive"],
+    )
     report_path = out / "report.md"
-    _write_text(report_path, "\n".join(sections))
+    _write_text(report_path, _markdown(sweep_dir, results, plots=True))
     logger.info("wrote report %s", report_path)
     return report_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m sweep.report <sweep folder>`: build the report and print its path.
+    """`python -m sweep.report <sweep folder> [--out DIR | --out -]`: build the report and print
+    its path, or (`--out -`) print the report itself.
 
     Args:
         argv: Command-line arguments (default: `sys.argv[1:]`).
@@ -228,13 +291,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sweep.report", description=(__doc__ or "").splitlines()[0]
     )
-    parser.add_argument("sweep_dir", type=Path, help="the sweep's folder (holding trials/)")
+    parser.add_argument("sweep_dir", type=Path, help="the sweep's folder (holding trials/); only read")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"write the report into DIR instead of <sweep_dir>/{REPORT_DIR} (e.g. when the sweep is on "
+        f"read-only storage); '{STDOUT}' prints the markdown report to stdout and writes nothing",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    out = args.sweep_dir / REPORT_DIR if args.out is None else Path(args.out)
     try:
-        report_path = build_report(args.sweep_dir)
-    except (ReportError, OSError) as exc:
+        if args.out == STDOUT:
+            sys.stdout.write(report_text(args.sweep_dir))
+            return 0
+        report_path = build_report(args.sweep_dir, out)
+    except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # StorageError included
+        if exc.filename == str(out):
+            message = f"{out} is not writable ({exc.strerror})"
+        else:
+            message = f"cannot write {exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        if args.out is None and isinstance(exc, StorageError):
+            message += f"; write the report elsewhere with --out DIR, or print it with --out {STDOUT}"
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print(report_path)
     return 0

@@ -15,8 +15,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +97,10 @@ def on_cluster() -> bool:
 
 def start_ray() -> Any:
     """Connect to the cluster `RAY_ADDRESS` names, or else start a new local Ray with the
-    dashboard on loopback: never silently join some other Ray already running here."""
+    dashboard on loopback: never silently join some other Ray already running here. Every
+    worker process of a local Ray gets RAY_ADDRESS = that Ray's GCS address
+    (`own_cluster_setup_hook`), so that nothing in it looks for its cluster among the Ray
+    instances running on the machine."""
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     import ray
@@ -103,7 +109,41 @@ def start_ray() -> Any:
         return ray.get_runtime_context()
     if on_cluster():
         return ray.init(log_to_driver=True)
-    return ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+    return ray.init(
+        address="local",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env={"worker_process_setup_hook": own_cluster_setup_hook()},
+    )
+
+
+def own_cluster_setup_hook() -> Callable[[], None]:
+    """A Ray `worker_process_setup_hook` that sets RAY_ADDRESS, in each worker process of the
+    job (tasks and actors, detached ones too: they inherit the job's runtime environment), to
+    the GCS address of the Ray the worker belongs to.
+
+    Why: Ray's state API (`ray.util.state.get_actor`) finds its cluster by RAY_ADDRESS, else
+    by listing the GCS processes running on the machine, and fails ("Found multiple active Ray
+    instances") when there are several, e.g. a second sweep, a test run or `ray start`. Ray
+    Train's detached `PlacementGroupCleaner` asks it whether a trial's Train controller is
+    alive; when that fails it never frees the placement group of a trial that ASHA stopped,
+    and the next trial waits for its workers forever (ray#54305 again). The address is only
+    known once Ray has started, hence a hook that each worker runs as it starts rather than
+    an environment variable set here.
+
+    Returns:
+        The hook: a nested function, so Ray pickles it by value and workers run it without
+        importing this module (and torch).
+    """
+
+    def set_ray_address_to_own_cluster() -> None:
+        import os
+
+        import ray
+
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+    return set_ray_address_to_own_cluster
 
 
 def check_resources(loaded: LoadedSpace) -> None:
@@ -199,15 +239,53 @@ def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
     dashboard = getattr(context, "dashboard_url", None)
     if dashboard:
         print(f"Ray dashboard: http://{dashboard}", flush=True)
-    from sweep.tuner import arm_tuner  # imports Ray: after start_ray has set its environment
+    from sweep.tuner import arm_tuner, fit_arm  # imports Ray: after start_ray has set its environment
 
     for arm_name in loaded.space.arms:
         print(f"\n=== arm {arm_name}: {num_samples} trials ===", flush=True)
         # every trial's record is written as it ends (sweep.records, sweep.tuner)
-        arm_tuner(loaded, arm_name, sweep_dir, num_samples).fit()
+        tuner = arm_tuner(loaded, arm_name, sweep_dir, num_samples)
+        if fit_arm(tuner, on_ctrl_c=second_ctrl_c_exits_at_once):
+            # Tune took a Ctrl-C: it saved its state and stopped the running trials (recorded
+            # `interrupted`, resumed by a rerun); no further arm starts
+            raise KeyboardInterrupt
     report = build_report(sweep_dir)
     print(f"\nsweep finished in {time.perf_counter() - start:.0f} s", flush=True)
     return report
+
+
+INTERRUPTED_LINE = "interrupted: finished trials are kept; rerun the same command to resume"
+"""What a Ctrl-C'd sweep prints (stderr) before it exits with code 130."""
+_interrupt_reported = False
+
+
+def report_interrupted() -> None:
+    """Print `INTERRUPTED_LINE` to stderr, once per sweep run (`main`)."""
+    global _interrupt_reported
+    if not _interrupt_reported:
+        _interrupt_reported = True
+        print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
+
+
+def exit_at_once(signum: int, frame: Any) -> None:
+    """SIGINT handler of a sweep that is already stopping: a second Ctrl-C does not wait for
+    Tune and Ray to shut down. Ray's processes end with the driver (they share its fate)."""
+    report_interrupted()
+    os._exit(130)
+
+
+def second_ctrl_c_exits_at_once() -> None:
+    """After the first Ctrl-C: make the next one `exit_at_once` (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, exit_at_once)
+
+
+def stop_on_ctrl_c(signum: int, frame: Any) -> None:
+    """SIGINT handler of a sweep outside Tune's runs (checks, model loading, the report): stop
+    with KeyboardInterrupt, as Python would; the next Ctrl-C exits at once. During an arm's run
+    Tune takes the signal itself (`sweep.tuner.fit_arm`)."""
+    second_ctrl_c_exits_at_once()
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,11 +317,28 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.resume and not sweep_dir.exists():
             raise SparsifyError(f"--resume: no sweep folder {sweep_dir} to resume")
+        # before anything heavy (the model, Ray): read-only storage or a full disk is one line now
+        from sweep.storage import check_sweep_storage
+
+        check_sweep_storage(sweep_dir, "--storage" if args.storage else "storage_path")
         print(f"sweep folder: {sweep_dir}", flush=True)
         print(f"TensorBoard: tensorboard --logdir {sweep_dir / 'runs'}", flush=True)
-        report = run_sweep(loaded, sweep_dir, num_samples)
+        global _interrupt_reported
+        _interrupt_reported = False
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, stop_on_ctrl_c) if in_main_thread else None
+        try:
+            report = run_sweep(loaded, sweep_dir, num_samples)
+        except KeyboardInterrupt:
+            previous = None  # stopping: a second Ctrl-C exits at once
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
     except KeyboardInterrupt:
-        print("interrupted: finished trials are kept; rerun the same command to resume", file=sys.stderr)
+        # Ray shuts down as this process exits, which takes seconds: the next Ctrl-C cuts that short
+        second_ctrl_c_exits_at_once()
+        report_interrupted()
         return 130
     except SparsifyError as exc:
         if args.debug:

@@ -38,6 +38,7 @@ from sparsify import (
     DivergedError,
     SparsifyError,
     TrainConfig,
+    atomic_write_text,
     load_env_file,
     quiet_library_progress_bars,
     redact,
@@ -59,6 +60,11 @@ def trial_run_name(trial_id: str) -> str:
     return f"train_{trial_id}"
 
 
+USER_ERROR_FILE = "user_error.txt"
+"""In a trial's Ray Train run folder: the user error a DDP rank hit, so that the worker group
+Ray Train restarts ends the trial with it instead of training again (see `train_worker`)."""
+
+
 def sweep_runs_dir(sweep_dir: Path, arm: str) -> Path:
     """Where each trial's SAE run folder (weights, config, metrics) lives."""
     return sweep_dir / "runs" / arm
@@ -72,14 +78,19 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     Returns:
         The outcome, which Ray Train hands to the driver as rank 0's `Result.return_value`:
         `{"status": FINISHED, "metrics": {...}}`, `{"status": DIVERGED, "error": "..."}`
-        or, for a user error (`SparsifyError`, not transient) in a 1-worker trial,
-        `{"status": ERROR, ...}` (statuses from `sweep.records`): returned, not raised,
-        because Ray Train retries what is raised, and neither would end differently on a retry
-        (every rank diverges at the same check; with several ranks a user error is raised,
-        since it may be one rank's alone).
+        or, for a user error (`SparsifyError`, not transient), `{"status": ERROR, ...}`
+        (statuses from `sweep.records`): returned, not raised, because Ray Train retries what
+        is raised, and neither would end differently on a retry (every rank diverges at the
+        same check). With several ranks a user error may be one rank's alone while the others
+        wait in an all-reduce, and only a raise makes Ray stop them: that rank first writes the
+        error to `config["user_error_file"]`, and the restarted group returns it at once,
+        before it trains or loads anything.
     """
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    user_error = Path(config["user_error_file"])
+    if user_error.is_file():  # an earlier attempt of this fit hit a user error: it would again
+        return {"status": ERROR, "error": user_error.read_text(encoding="utf-8")}
     if config.get("num_threads"):
         torch.set_num_threads(int(config["num_threads"]))
     quiet_library_progress_bars()
@@ -92,7 +103,6 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     try:
         with _last_checkpoint() as resume_from:
-            # the function: `from sparsify import train` reads to pyright as the CLI module sparsify/train.py
             result = train(
                 cfg,
                 report=report,
@@ -104,10 +114,12 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     except DivergedError as exc:
         return {"status": DIVERGED, "error": str(exc)}
     except SparsifyError as exc:
-        if exc.transient or world_size > 1:
-            # transient: Ray Train restarts the worker group (FailureConfig). Several ranks:
-            # the error may be this rank's alone while the others wait in an all-reduce, and
-            # only a raise makes Ray stop them (a retry then fails fast the same way)
+        if exc.transient:
+            raise  # e.g. the hub was unreachable: Ray Train restarts the worker group (FailureConfig)
+        if world_size > 1:
+            # the others may wait in an all-reduce: raise to stop them, and leave the error
+            # for the restarted group, which then ends the trial without training again
+            atomic_write_text(user_error, str(exc))
             raise
         # the same config would fail the same way: end the trial now, one line, no retries
         return {"status": ERROR, "error": str(exc)}
@@ -149,7 +161,9 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
     Writes the trial record (`sweep.records`) when the trial finishes or diverges; errors
     propagate to Tune, whose `sweep.tuner.TrialRecordCallback` records them as they happen. A
     trial that already has a finished or diverged record (Tune restarts the trials it had not
-    seen end when a sweep resumes) reports that record again and trains nothing.
+    seen end when a sweep resumes) reports that record again and trains nothing; any other
+    record (`interrupted`: a Ctrl-C stopped it) does not stop it: it trains on from the Train
+    run's last checkpoint, and its end replaces the record.
     """
     start = time.perf_counter()
     arm = tune_config[ARM_KEY]
@@ -164,6 +178,9 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
         return
     cfg = space.trial_config(arm, params)
     cfg = cfg.model_copy(update={"save_dir": str(sweep_runs_dir(Path(sweep_dir), arm)), "run_name": trial_id})
+    train_run_dir = Path(sweep_dir) / "ray_train" / trial_run_name(trial_id)
+    user_error = train_run_dir / USER_ERROR_FILE
+    user_error.unlink(missing_ok=True)  # from an earlier fit: the data may have been fixed since
     resources = space.space.resources
     trainer = TorchTrainer(
         train_worker,
@@ -171,6 +188,7 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
             "train_config": cfg.model_dump(mode="json"),
             "num_threads": max(1, int(resources.cpus_per_worker)),
             "env_file": str(Path.cwd() / ENV_FILE),  # the path only: secrets stay out of Ray's files
+            "user_error_file": str(user_error),
         },
         torch_config=TorchConfig(backend="nccl" if resources.gpus_per_worker else "gloo", timeout_s=600),
         scaling_config=ScalingConfig(
@@ -183,7 +201,7 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
         ),
         run_config=RunConfig(
             name=trial_run_name(trial_id),
-            storage_path=str(Path(sweep_dir) / "ray_train"),
+            storage_path=str(train_run_dir.parent),
             # a crashed or lost worker: restart the group from the last checkpoint
             failure_config=FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),

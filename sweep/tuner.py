@@ -2,8 +2,9 @@
 
 `arm_tuner` builds (or restores) the Tuner that runs the arm's trials (`sweep.trial.run_trial`).
 Its `TrialRecordCallback` writes the record of every trial that ends without writing its own
-(an error, or a stop by ASHA) the moment Tune ends it, so the sweep folder knows every ended
-trial while the sweep runs; the progress line (`sweep.progress`) reads those records.
+(an error, a stop by ASHA, a Ctrl-C) the moment Tune ends it, so the sweep folder knows every
+ended trial while the sweep runs; the progress line (`sweep.progress`) reads those records.
+`fit_arm` runs the Tuner and says whether a Ctrl-C ended it (Tune takes that signal itself).
 Imports Ray: `sweep.run` imports this module only after `start_ray`.
 """
 
@@ -11,6 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +33,13 @@ from sweep.records import (
     DIVERGED,
     ERROR,
     FINISHED,
+    INTERRUPTED,
+    INTERRUPTED_BY_USER,
     STOPPED,
     STOPPED_BY_ASHA,
     Status,
     TrialRecord,
-    has_trial_record,
+    has_final_trial_record,
     write_trial_record,
 )
 from sweep.space import Distribution, LoadedSpace
@@ -123,6 +130,7 @@ def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: 
             callbacks=[
                 TrialRecordCallback(sweep_dir, arm_name),
                 make_progress_callback(sweep_dir, arm_name, num_samples),
+                CtrlCRelay(),
             ],
             progress_reporter=tune.CLIReporter(
                 metric_columns={m: m for m in space.metrics},
@@ -179,9 +187,15 @@ class FailNonFiniteOptunaSearch(OptunaSearch):
 
 class TrialRecordCallback(tune.Callback):
     """Writes the record of each trial of one arm that ends without writing its own, when Tune
-    ends it: an errored trial (`error`: the last line of its error message) and one that the
-    scheduler stopped (`stopped`, keeping its last, half-trained eval metrics so that no
-    frontier uses them).
+    ends it, with a status that says what happened:
+
+    - `error`: Tune reports the trial failed (`error`: the last line of its error message);
+    - `stopped`: the scheduler (ASHA) stopped it, the only other way a trial that did not
+      report its own outcome completes; it keeps its last, half-trained eval metrics so that
+      no frontier uses them;
+    - `interrupted`: it was live in this run and Tune ended it while ending the whole run
+      (Ctrl-C), which calls no trial callback; it keeps its last eval metrics. Tune saved the
+      experiment state before, with the trial still running, so a rerun resumes it.
 
     Args:
         sweep_dir: The sweep's folder.
@@ -191,39 +205,144 @@ class TrialRecordCallback(tune.Callback):
     def __init__(self, sweep_dir: Path, arm: str) -> None:
         self.sweep_dir = sweep_dir
         self.arm = arm
+        self.live: set[str] = set()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # restored Tuners unpickle their callbacks: one pickled by an older version lacks `live`
+        for key, value in {"live": set(), **state}.items():
+            setattr(self, key, value)
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        self._note_live(trials)
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        # the step that sees a Ctrl-C still ends here: trials it added are noted before Tune ends them
+        self._note_live(trials)
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.live.add(trial.trial_id)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._record(trial, ERROR)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._record(trial, STOPPED)  # unless it wrote its own: then it finished or diverged
+        # a trial completes when it returns, having written its record (finished or diverged),
+        # or when the scheduler stops it (the sweep sets no other stop criteria)
+        self._record(trial, STOPPED)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        # trials that ended without a callback, e.g. in an earlier run of a resumed sweep
         for trial in trials:
             if trial.status == Trial.ERROR:
                 self._record(trial, ERROR)
             elif trial.status == Trial.TERMINATED:
-                self._record(trial, STOPPED)
+                # live in this run: ended with the run (Ctrl-C); else it ended in an earlier run
+                # of a resumed sweep, which recorded a finish itself and wrote a stop at once
+                self._record(trial, INTERRUPTED if trial.trial_id in self.live else STOPPED)
+
+    def _note_live(self, trials: list[Trial]) -> None:
+        self.live.update(t.trial_id for t in trials if t.status not in (Trial.TERMINATED, Trial.ERROR))
 
     def _record(self, trial: Trial, status: Status) -> None:
-        """Write `trial`'s record, ended as `status` (error or stopped), unless it has one."""
+        """Write `trial`'s record, ended as `status` (error, stopped or interrupted), unless it
+        has a final one (any but `interrupted`, which a resumed trial's end replaces)."""
         # a finished or diverged trial wrote its record before it reported its status: the
         # status also covers a shared filesystem that shows the driver that file late
         if trial.last_result.get("status") in (FINISHED, DIVERGED):
             return
-        if has_trial_record(self.sweep_dir, self.arm, trial.trial_id):
+        if has_final_trial_record(self.sweep_dir, self.arm, trial.trial_id):
             return
         params = {k: v for k, v in (trial.config or {}).items() if k != ARM_KEY}
         if status == ERROR:
             error, metrics = trial_error_line(trial), {}
         else:
-            error = STOPPED_BY_ASHA
+            error = STOPPED_BY_ASHA if status == STOPPED else INTERRUPTED_BY_USER
             metrics = {k: v for k, v in trial.last_result.items() if k.startswith(f"{names.EVAL}/")}
         record = TrialRecord(
             arm=self.arm, trial_id=trial.trial_id, status=status, params=params, metrics=metrics, error=error
         )
         write_trial_record(self.sweep_dir, record)
+
+
+class _CtrlCState:
+    """What `fit_arm` and `CtrlCRelay` share about the fit in progress (module state: Tune
+    pickles callbacks with the Tuner, and a signal handler cannot be pickled)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.tune_handler: Any = None
+        self.on_ctrl_c: Callable[[], None] | None = None
+
+
+_CTRL_C = _CtrlCState()
+
+
+def _relay_ctrl_c(signum: int, frame: Any) -> None:
+    """SIGINT handler while Tune's is wrapped: note the Ctrl-C, let Tune's handler end the run
+    gracefully (it puts back the handler that was there before the fit), then tell `fit_arm`'s
+    caller at once (e.g. to make a second Ctrl-C exit at once)."""
+    handler, _CTRL_C.tune_handler = _CTRL_C.tune_handler, None
+    if not callable(handler):  # left behind by a fit that `fit_arm` did not run: Python's way
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
+    _CTRL_C.received = True
+    handler(signum, frame)
+    if _CTRL_C.on_ctrl_c is not None:
+        _CTRL_C.on_ctrl_c()
+
+
+def _tune_handles_sigint() -> bool:
+    return threading.current_thread() is threading.main_thread() and not int(
+        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0
+    )
+
+
+class CtrlCRelay(tune.Callback):
+    """Puts `_relay_ctrl_c` in front of the SIGINT handler that Tune installs for the run, at
+    the first step: so `fit_arm` learns of a Ctrl-C the moment Tune takes it (Tune ends the run
+    after the current step, saves the experiment state, stops the trials, then returns)."""
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        handler = signal.getsignal(signal.SIGINT)
+        if getattr(handler, "__module__", None) == "ray.tune.tune":  # Tune's, not yet wrapped
+            _CTRL_C.tune_handler = handler
+            signal.signal(signal.SIGINT, _relay_ctrl_c)
+
+
+def fit_arm(tuner: Any, on_ctrl_c: Callable[[], None] | None = None) -> bool:
+    """Run `tuner.fit()`; return whether a Ctrl-C (SIGINT) ended it.
+
+    Tune takes a Ctrl-C during the fit itself: its handler ends the run gracefully (the
+    experiment state saved with the running trials still running, so a rerun resumes them;
+    `TrialRecordCallback` records them `interrupted`) and `fit()` returns as if the run were
+    done. `CtrlCRelay` calls `on_ctrl_c` the moment Tune takes the signal; a Tuner restored
+    from a sweep folder written before the relay existed is caught afterwards: Tune's handler
+    puts back the handler that was there before the fit, which a run that ends normally leaves
+    in place. Either way the handler from before the fit is in place again after it (unless
+    `on_ctrl_c` installed another).
+
+    Args:
+        tuner: The arm's `ray.tune.Tuner` (`arm_tuner`).
+        on_ctrl_c: Called once, in the signal handler, right after Tune took a Ctrl-C.
+    """
+    tune_handles = _tune_handles_sigint()
+    before = signal.getsignal(signal.SIGINT) if tune_handles else None
+    _CTRL_C.received, _CTRL_C.tune_handler, _CTRL_C.on_ctrl_c = False, None, on_ctrl_c
+    try:
+        tuner.fit()
+    finally:
+        _CTRL_C.on_ctrl_c, _CTRL_C.tune_handler = None, None
+    interrupted = _CTRL_C.received
+    if tune_handles and before is not None:
+        now = signal.getsignal(signal.SIGINT)
+        if not interrupted and now is before:  # put back by Tune's own handler: no relay
+            interrupted = True
+            if on_ctrl_c is not None:
+                on_ctrl_c()
+        elif not interrupted:  # Tune leaves its (now idle) handler behind after a full run
+            signal.signal(signal.SIGINT, before)
+    return interrupted
 
 
 def trial_error_line(trial: Trial) -> str:

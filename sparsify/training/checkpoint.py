@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sparsify.atomic import atomic_write_text, atomic_write_with, current_umask
+from sparsify.atomic import atomic_write_text, atomic_write_with, check_writable, current_umask, storage_error
 from sparsify.config import LossConfig, TrainConfig, config_to_yaml, load_config
 from sparsify.errors import ConfigError
 from sparsify.hooks import hook_to_key
@@ -54,11 +54,13 @@ def sae_run_name(
 
 
 def make_folder(folder: Path) -> None:
-    """Create a folder a run will write into (and its parents) now, after every other check:
-    a save_dir that cannot hold it fails here in one line, not after training.
+    """Create a folder a run will write into (and its parents) now, after every other check,
+    and check that it takes a file: a save_dir that cannot hold the run (read-only storage, a
+    full disk) fails here in one line, not after training.
 
     Raises:
-        ConfigError: `save_dir: ...` when a parent is a file or the folder cannot be created.
+        ConfigError: `save_dir: ...` when a parent is a file, or the folder cannot be created
+            or written.
     """
     for path in (folder, *folder.parents):
         if path.exists() and not path.is_dir():
@@ -67,6 +69,10 @@ def make_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"save_dir: cannot create {folder} ({exc.strerror})") from None
+    try:
+        check_writable(folder)
+    except OSError as exc:
+        raise ConfigError(f"save_dir: {folder} is not writable ({exc.strerror})") from None
 
 
 def save_sae_weights(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
@@ -197,12 +203,16 @@ def save_checkpoint(
         The checkpoint folder, `step_checkpoint_dir(run_dir, step)`.
 
     Raises:
-        OSError: the folder cannot be written.
+        StorageError: the storage refused the write (`cannot write <checkpoint folder>: No space
+            left on device`, or read-only, ...); the previous checkpoint is kept whole and the
+            partial one removed.
+        OSError: the folder cannot be written for another reason.
     """
     final = step_checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp: Path | None = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; checkpoints are for sharing
         tensors, optimizer_json = _split_optimizer_state(optimizer_state)
         atomic_write_with(tmp / OPTIMIZER_WEIGHTS, lambda path: save_file(tensors, path))
@@ -210,9 +220,14 @@ def save_checkpoint(
         if final.exists():  # left by an attempt that crashed before its checkpoint was registered
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        # the checkpoint folder, not the temp file inside its temp folder that failed
+        error = storage_error(exc, final) if isinstance(exc, Exception) else None
+        if error is None:
+            raise
+        raise error from exc
     for old in final.parent.iterdir():
         if old != final and old.name.startswith(("step_", ".step_")):
             shutil.rmtree(old, ignore_errors=True)

@@ -119,27 +119,24 @@ def train(
     with _closed_on_failure(tracker):
         done = state.step * cfg.grad_accum_steps  # micro-batches trained on before the checkpoint
         batches = micro_batches(model, cfg, rank, world_size, resumed=resume_from is not None, skip=done)
-        n_ctx = cfg.train_data.n_ctx
-        progress = tqdm(total=cfg.n_grad_steps * cfg.samples_per_step * n_ctx, initial=state.tokens_seen(n_ctx),
-                        unit="tok", unit_scale=True, desc="train", disable=not (rank == 0 and show_progress),
-                        dynamic_ncols=True)  # fmt: skip
-        for micro_step, batch in enumerate(batches, start=done):
-            terms, total, out = forward_backward(model, batch, plan, cfg)
-            window.add(terms, total, batch.n_tokens * world_size, state.step)
-            state.samples_seen += batch.n_seqs * world_size
-            progress.update(batch.n_tokens * world_size)
-            if (micro_step + 1) % cfg.grad_accum_steps:
-                del out  # frees the SAE activations before the next forward
-                continue
-            grad_norm = optimizer_step(model, optimizer, cfg, state.step)
-            state.step += 1
-            due = due_after_step(cfg, state)
-            if due.any:
-                window.check_finite()
-            sae_metrics = batch_sae_metrics(out) if due.log else {}
-            del out  # before eval and the next forward
-            end_of_step(run, due, grad_norm, sae_metrics, progress)
-        progress.close()
+        # closed on a crash too, so an error line is not redrawn over
+        with _progress_bar(cfg, state, show=rank == 0 and show_progress) as progress:
+            for micro_step, batch in enumerate(batches, start=done):
+                terms, total, out = forward_backward(model, batch, plan, cfg)
+                window.add(terms, total, batch.n_tokens * world_size, state.step)
+                state.samples_seen += batch.n_seqs * world_size
+                progress.update(batch.n_tokens * world_size)
+                if (micro_step + 1) % cfg.grad_accum_steps:
+                    del out  # frees the SAE activations before the next forward
+                    continue
+                grad_norm = optimizer_step(model, optimizer, cfg, state.step)
+                state.step += 1
+                due = due_after_step(cfg, state)
+                if due.any:
+                    window.check_finite()
+                sae_metrics = batch_sae_metrics(out) if due.log else {}
+                del out  # before eval and the next forward
+                end_of_step(run, due, grad_norm, sae_metrics, progress)
         final, final_state = finish(run)
     tracker.close()
     if run_dir is not None:
@@ -291,6 +288,13 @@ def _open_tracker(
     name = run_dir.name if run_dir else ""
     config = cfg.model_dump(mode="json")
     return make_tracker(run_dir, cfg.tensorboard, cfg.wandb_project, name, config, resumed_at, wandb_id)
+
+
+def _progress_bar(cfg: TrainConfig, state: TrainState, show: bool) -> tqdm:
+    """One bar over the run's tokens (starting at those a resumed run has seen), tokens/s shown."""
+    n_ctx = cfg.train_data.n_ctx
+    return tqdm(total=cfg.n_grad_steps * cfg.samples_per_step * n_ctx, initial=state.tokens_seen(n_ctx),
+                unit="tok", unit_scale=True, desc="train", disable=not show, dynamic_ncols=True)  # fmt: skip
 
 
 @contextmanager

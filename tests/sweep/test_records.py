@@ -11,6 +11,7 @@ from sparsify.metric_names import EVAL_CE_LOSS_INCREASE, EVAL_L0
 from sweep.records import (
     DIVERGED,
     ERROR,
+    INTERRUPTED,
     FINISHED,
     STATUSES,
     STOPPED,
@@ -55,7 +56,11 @@ def test_write_rejects_record_without_status(tmp_path):
 
 
 def test_statuses_in_report_order():
-    assert STATUSES == (FINISHED, DIVERGED, STOPPED, ERROR) == ("finished", "diverged", "stopped", "error")
+    assert (
+        STATUSES
+        == (FINISHED, DIVERGED, STOPPED, ERROR, INTERRUPTED)
+        == ("finished", "diverged", "stopped", "error", "interrupted")
+    )
 
 
 def test_record_file_is_todays_json_exactly(tmp_path):

@@ -170,3 +170,35 @@ def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_or_bad_trial_is
     recorded = at_error[data_gone["trial_id"]]
     assert recorded is not None and recorded.status == ERROR and recorded.error == data_gone["error"]
     assert list(at_error) == [data_gone["trial_id"]]  # the only trial that failed
+
+
+def test_a_user_error_in_a_ddp_trial_is_not_retried(crashing_ray, tiny_model_dir, corpus_dir, tmp_path):
+    """2 workers, data gone: every rank raises (the others could be waiting in an all-reduce),
+    and the group Ray Train restarts (max_failures 2) ends the trial with the recorded error
+    before it trains or reads a checkpoint: one attempt trains, not three."""
+    from sweep.tuner import arm_tuner
+
+    _, attempts = crashing_ray
+    doomed = tmp_path / "doomed_corpus"
+    make_corpus(doomed)
+    doomed_files = str(doomed / "*.txt")
+    space = {
+        "name": "ddp_failures",
+        "storage_path": str(tmp_path / "sweeps"),
+        "num_samples": 1,
+        "resources": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},
+        "base_config": checkpointed_sweep_base(tiny_model_dir, corpus_dir, tmp_path),
+        "arms": {
+            "ddp_data_gone": {"loss": LOCAL, "search": ONE_COEFF, "set": {"train_data.files": [doomed_files]}}
+        },
+    }
+    path = tmp_path / "ddp_failures.yaml"
+    path.write_text(yaml.safe_dump(space))
+    loaded = load_search_space(path)
+    shutil.rmtree(doomed)
+    sweep_dir = tmp_path / "sweeps" / "ddp_failures"
+    arm_tuner(loaded, "ddp_data_gone", sweep_dir, num_samples=1).fit()
+    (row,) = load_results(sweep_dir).itertuples()
+    assert row.status == "error" and row.error.endswith(f"train_data.files: {doomed_files!r} matches no file")
+    runs = [line for line in attempts.read_text().splitlines() if row.trial_id in line]
+    assert len(runs) == 2, runs  # one attempt, 2 ranks; before: 3 attempts x 2 ranks
