@@ -11,8 +11,8 @@ from sparsify.metric_names import EVAL_CE_LOSS_INCREASE, EVAL_L0
 from sweep.records import (
     DIVERGED,
     ERROR,
-    INTERRUPTED,
     FINISHED,
+    INTERRUPTED,
     STATUSES,
     STOPPED,
     STOPPED_BY_ASHA,
