@@ -63,7 +63,9 @@ def test_report_markdown_shows_frontiers_counts_ratio_and_hypervolume(report_md)
     for trial_id in ("local_00000", "local_00001", "e2e_00000", "e2e_00001"):
         assert f"| {trial_id} |" in text
     assert "local_00002" not in text and "e2e_00002" not in text
-    assert "| local | 3 | 1 | 0 | 0 | 0 | 4 |" in text  # finished, diverged, stopped, error, interrupted, total
+    assert (
+        "| local | 3 | 1 | 0 | 0 | 0 | 4 |" in text
+    )  # finished, diverged, stopped, error, interrupted, total
     assert "| e2e | 2 | 0 | 1 | 0 | 0 | 3 |" in text
     # at CE increase 0.2: local needs L0 100 (its point), e2e sqrt(5*20) = 10 -> ratio 10
     assert "| 0.2 | 100 | 10 | 10 |" in text
