@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify import MissingPackageError, SparsifyError, atomic_write_text, load_env_file, redact
+from sweep import interrupt
 from sweep.space import LoadedSpace, load_search_space
 
 logger = logging.getLogger(__name__)
@@ -239,53 +240,19 @@ def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
     dashboard = getattr(context, "dashboard_url", None)
     if dashboard:
         print(f"Ray dashboard: http://{dashboard}", flush=True)
-    from sweep.tuner import arm_tuner, fit_arm  # imports Ray: after start_ray has set its environment
+    from sweep.tuner import arm_tuner  # imports Ray: after start_ray has set its environment
 
     for arm_name in loaded.space.arms:
         print(f"\n=== arm {arm_name}: {num_samples} trials ===", flush=True)
         # every trial's record is written as it ends (sweep.records, sweep.tuner)
         tuner = arm_tuner(loaded, arm_name, sweep_dir, num_samples)
-        if fit_arm(tuner, on_ctrl_c=second_ctrl_c_exits_at_once):
+        if interrupt.fit_arm(tuner, on_ctrl_c=interrupt.second_ctrl_c_exits_at_once):
             # Tune took a Ctrl-C: it saved its state and stopped the running trials (recorded
             # `interrupted`, resumed by a rerun); no further arm starts
             raise KeyboardInterrupt
     report = build_report(sweep_dir)
     print(f"\nsweep finished in {time.perf_counter() - start:.0f} s", flush=True)
     return report
-
-
-INTERRUPTED_LINE = "interrupted: finished trials are kept; rerun the same command to resume"
-"""What a Ctrl-C'd sweep prints (stderr) before it exits with code 130."""
-_interrupt_reported = False
-
-
-def report_interrupted() -> None:
-    """Print `INTERRUPTED_LINE` to stderr, once per sweep run (`main`)."""
-    global _interrupt_reported
-    if not _interrupt_reported:
-        _interrupt_reported = True
-        print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
-
-
-def exit_at_once(signum: int, frame: Any) -> None:
-    """SIGINT handler of a sweep that is already stopping: a second Ctrl-C does not wait for
-    Tune and Ray to shut down. Ray's processes end with the driver (they share its fate)."""
-    report_interrupted()
-    os._exit(130)
-
-
-def second_ctrl_c_exits_at_once() -> None:
-    """After the first Ctrl-C: make the next one `exit_at_once` (main thread only)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, exit_at_once)
-
-
-def stop_on_ctrl_c(signum: int, frame: Any) -> None:
-    """SIGINT handler of a sweep outside Tune's runs (checks, model loading, the report): stop
-    with KeyboardInterrupt, as Python would; the next Ctrl-C exits at once. During an arm's run
-    Tune takes the signal itself (`sweep.tuner.fit_arm`)."""
-    second_ctrl_c_exits_at_once()
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,10 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         check_sweep_storage(sweep_dir, "--storage" if args.storage else "storage_path")
         print(f"sweep folder: {sweep_dir}", flush=True)
         print(f"TensorBoard: tensorboard --logdir {sweep_dir / 'runs'}", flush=True)
-        global _interrupt_reported
-        _interrupt_reported = False
+        interrupt.new_sweep_run()
         in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, stop_on_ctrl_c) if in_main_thread else None
+        previous = signal.signal(signal.SIGINT, interrupt.stop_on_ctrl_c) if in_main_thread else None
         try:
             report = run_sweep(loaded, sweep_dir, num_samples)
         except KeyboardInterrupt:
@@ -337,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(signal.SIGINT, previous)
     except KeyboardInterrupt:
         # Ray shuts down as this process exits, which takes seconds: the next Ctrl-C cuts that short
-        second_ctrl_c_exits_at_once()
-        report_interrupted()
+        interrupt.second_ctrl_c_exits_at_once()
+        interrupt.report_interrupted()
         return 130
     except SparsifyError as exc:
         if args.debug:

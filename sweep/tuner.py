@@ -4,7 +4,7 @@
 Its `TrialRecordCallback` writes the record of every trial that ends without writing its own
 (an error, a stop by ASHA, a Ctrl-C) the moment Tune ends it, so the sweep folder knows every
 ended trial while the sweep runs; the progress line (`sweep.progress`) reads those records.
-`fit_arm` runs the Tuner and says whether a Ctrl-C ended it (Tune takes that signal itself).
+`CtrlCRelay` lets `sweep.interrupt.fit_arm` learn of a Ctrl-C that Tune takes itself.
 Imports Ray: `sweep.run` imports this module only after `start_ray`.
 """
 
@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sparsify import SparsifyError, redact
 from sparsify import metric_names as names
+from sweep.interrupt import CTRL_C, relay_ctrl_c
 from sweep.progress import make_progress_callback
 from sweep.records import (
     DIVERGED,
@@ -263,41 +262,8 @@ class TrialRecordCallback(tune.Callback):
         write_trial_record(self.sweep_dir, record)
 
 
-class _CtrlCState:
-    """What `fit_arm` and `CtrlCRelay` share about the fit in progress (module state: Tune
-    pickles callbacks with the Tuner, and a signal handler cannot be pickled)."""
-
-    def __init__(self) -> None:
-        self.received = False
-        self.tune_handler: Any = None
-        self.on_ctrl_c: Callable[[], None] | None = None
-
-
-_CTRL_C = _CtrlCState()
-
-
-def _relay_ctrl_c(signum: int, frame: Any) -> None:
-    """SIGINT handler while Tune's is wrapped: note the Ctrl-C, let Tune's handler end the run
-    gracefully (it puts back the handler that was there before the fit), then tell `fit_arm`'s
-    caller at once (e.g. to make a second Ctrl-C exit at once)."""
-    handler, _CTRL_C.tune_handler = _CTRL_C.tune_handler, None
-    if not callable(handler):  # left behind by a fit that `fit_arm` did not run: Python's way
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        raise KeyboardInterrupt
-    _CTRL_C.received = True
-    handler(signum, frame)
-    if _CTRL_C.on_ctrl_c is not None:
-        _CTRL_C.on_ctrl_c()
-
-
-def _tune_handles_sigint() -> bool:
-    return threading.current_thread() is threading.main_thread() and not int(
-        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0
-    )
-
-
 class CtrlCRelay(tune.Callback):
-    """Puts `_relay_ctrl_c` in front of the SIGINT handler that Tune installs for the run, at
+    """Puts `relay_ctrl_c` in front of the SIGINT handler that Tune installs for the run, at
     the first step: so `fit_arm` learns of a Ctrl-C the moment Tune takes it (Tune ends the run
     after the current step, saves the experiment state, stops the trials, then returns)."""
 
@@ -306,43 +272,8 @@ class CtrlCRelay(tune.Callback):
             return
         handler = signal.getsignal(signal.SIGINT)
         if getattr(handler, "__module__", None) == "ray.tune.tune":  # Tune's, not yet wrapped
-            _CTRL_C.tune_handler = handler
-            signal.signal(signal.SIGINT, _relay_ctrl_c)
-
-
-def fit_arm(tuner: Any, on_ctrl_c: Callable[[], None] | None = None) -> bool:
-    """Run `tuner.fit()`; return whether a Ctrl-C (SIGINT) ended it.
-
-    Tune takes a Ctrl-C during the fit itself: its handler ends the run gracefully (the
-    experiment state saved with the running trials still running, so a rerun resumes them;
-    `TrialRecordCallback` records them `interrupted`) and `fit()` returns as if the run were
-    done. `CtrlCRelay` calls `on_ctrl_c` the moment Tune takes the signal; a Tuner restored
-    from a sweep folder written before the relay existed is caught afterwards: Tune's handler
-    puts back the handler that was there before the fit, which a run that ends normally leaves
-    in place. Either way the handler from before the fit is in place again after it (unless
-    `on_ctrl_c` installed another).
-
-    Args:
-        tuner: The arm's `ray.tune.Tuner` (`arm_tuner`).
-        on_ctrl_c: Called once, in the signal handler, right after Tune took a Ctrl-C.
-    """
-    tune_handles = _tune_handles_sigint()
-    before = signal.getsignal(signal.SIGINT) if tune_handles else None
-    _CTRL_C.received, _CTRL_C.tune_handler, _CTRL_C.on_ctrl_c = False, None, on_ctrl_c
-    try:
-        tuner.fit()
-    finally:
-        _CTRL_C.on_ctrl_c, _CTRL_C.tune_handler = None, None
-    interrupted = _CTRL_C.received
-    if tune_handles and before is not None:
-        now = signal.getsignal(signal.SIGINT)
-        if not interrupted and now is before:  # put back by Tune's own handler: no relay
-            interrupted = True
-            if on_ctrl_c is not None:
-                on_ctrl_c()
-        elif not interrupted:  # Tune leaves its (now idle) handler behind after a full run
-            signal.signal(signal.SIGINT, before)
-    return interrupted
+            CTRL_C.tune_handler = handler
+            signal.signal(signal.SIGINT, relay_ctrl_c)
 
 
 def trial_error_line(trial: Trial) -> str:

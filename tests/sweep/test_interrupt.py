@@ -20,6 +20,7 @@ import pytest
 import yaml
 from conftest import checkpointed_sweep_base
 
+import sweep.interrupt
 import sweep.run
 import sweep.trial
 from sparsify.metric_names import EVAL_CE_LOSS_INCREASE, EVAL_L0
@@ -258,47 +259,50 @@ class FakeTuner:
 @pytest.fixture
 def sweep_handler():
     """The SIGINT handler a sweep has outside Tune's runs (`sweep.run.main`), put back after."""
-    previous = signal.signal(signal.SIGINT, sweep.run.stop_on_ctrl_c)
+    previous = signal.signal(signal.SIGINT, sweep.interrupt.stop_on_ctrl_c)
     yield
     signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("relay", [True, False], ids=["relay", "restored-tuner-without-relay"])
 def test_fit_arm_learns_of_a_ctrl_c_that_tune_took(sweep_handler, relay):
-    from sweep.tuner import CtrlCRelay, fit_arm
+    from sweep.interrupt import fit_arm
+    from sweep.tuner import CtrlCRelay
 
     calls = []
 
     def on_ctrl_c() -> None:
         calls.append(signal.getsignal(signal.SIGINT))
-        sweep.run.second_ctrl_c_exits_at_once()
+        sweep.interrupt.second_ctrl_c_exits_at_once()
 
     tuner = FakeTuner([CtrlCRelay()] if relay else [], ctrl_c_at=2)
     assert fit_arm(tuner, on_ctrl_c=on_ctrl_c) is True
     assert tuner.ended_by_event  # Tune took it (graceful end), no KeyboardInterrupt
     # called once, after Tune's handler had put back the one from before the fit
-    assert calls == [sweep.run.stop_on_ctrl_c]
-    assert signal.getsignal(signal.SIGINT) is sweep.run.exit_at_once  # the next Ctrl-C exits at once
+    assert calls == [sweep.interrupt.stop_on_ctrl_c]
+    assert signal.getsignal(signal.SIGINT) is sweep.interrupt.exit_at_once  # the next Ctrl-C exits at once
 
 
 def test_fit_arm_without_ctrl_c_puts_back_the_sweep_handler(sweep_handler):
-    from sweep.tuner import CtrlCRelay, fit_arm
+    from sweep.interrupt import fit_arm
+    from sweep.tuner import CtrlCRelay
 
     calls = []
     tuner = FakeTuner([CtrlCRelay()])
     assert fit_arm(tuner, on_ctrl_c=lambda: calls.append(1)) is False
     assert not tuner.ended_by_event and calls == []
     # not Tune's idle handler, which would swallow a Ctrl-C between arms
-    assert signal.getsignal(signal.SIGINT) is sweep.run.stop_on_ctrl_c
+    assert signal.getsignal(signal.SIGINT) is sweep.interrupt.stop_on_ctrl_c
 
 
 def test_a_relay_left_behind_by_a_plain_fit_lets_ctrl_c_raise(sweep_handler):
     """`Tuner.fit()` called directly (not through `fit_arm`) leaves the relay installed."""
-    from sweep.tuner import _CTRL_C, CtrlCRelay, _relay_ctrl_c
+    from sweep.interrupt import CTRL_C, relay_ctrl_c
+    from sweep.tuner import CtrlCRelay
 
     FakeTuner([CtrlCRelay()]).fit()
-    assert signal.getsignal(signal.SIGINT) is _relay_ctrl_c
-    _CTRL_C.tune_handler = None  # as after the relay's first use
+    assert signal.getsignal(signal.SIGINT) is relay_ctrl_c
+    CTRL_C.tune_handler = None  # as after the relay's first use
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)
@@ -339,7 +343,7 @@ def test_main_prints_the_line_and_exits_130_when_a_sweep_is_interrupted(
     previous = signal.getsignal(signal.SIGINT)
     try:
         assert sweep.run.main([str(path)]) == 130
-        assert signal.getsignal(signal.SIGINT) is sweep.run.exit_at_once
+        assert signal.getsignal(signal.SIGINT) is sweep.interrupt.exit_at_once
     finally:
         signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err.strip().splitlines()[-1] == LINE
