@@ -9,6 +9,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
+
+from sparsify.metric_names import EVAL_CE_LOSS_INCREASE
 
 # token caches and the dequantized embedded model go to a throwaway folder, not ~/.cache
 os.environ.setdefault("SPARSIFY_CACHE", tempfile.mkdtemp(prefix="sparsify-test-cache-"))
@@ -127,3 +130,79 @@ def checkpointed_sweep_base(model_dir: Path, corpus: Path, tmp_path: Path) -> di
     )  # fmt: skip
     del base["loss"]
     return base
+
+
+PROCESS_TAG = "SPARSIFY_TEST_PROCESS_TAG"
+"""A test that starts a sweep in a subprocess tags its environment with this variable, so it
+can find (and clean up) exactly the processes it started: the driver and every Ray process."""
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of live processes whose environment carries `PROCESS_TAG=tag`: the driver and every Ray process
+    it started (they inherit its environment), and nobody else's."""
+    needle = f"{PROCESS_TAG}={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def make_trial(tmp_path, monkeypatch):
+    """Makes Ray Tune `Trial`s of arm `local` as `Tuner.fit()` creates them: their storage under
+    the sweep's `ray_tune/` folder, their driver-side folder (Ray's session folder) under
+    `tmp_path`. No Ray cluster needed."""
+    from ray.train._internal import storage
+    from ray.tune.experiment import Trial
+
+    monkeypatch.setattr(storage, "_get_ray_train_session_dir", lambda: str(tmp_path / "ray_session"))
+
+    def make(trial_id: str, **config) -> Trial:
+        context = storage.StorageContext(
+            storage_path=str(tmp_path / "sweep" / "ray_tune"), experiment_dir_name="local"
+        )
+        trial = Trial(
+            "run_trial", config={"arm": "local", **config}, trial_id=trial_id, storage=context, stub=True,
+            trial_dirname_creator=lambda t: f"local_{t.trial_id}",
+        )  # fmt: skip
+        trial.init_local_path()
+        return trial
+
+    return make
+
+
+def asha_space(tmp_path: Path, name: str, model_dir: Path, corpus: Path, n_samples: int = 64) -> Path:
+    """A search-space file with ASHA: 3 trials of 2 CPUs (the whole machine, to Ray), the last
+    two stopped at their first eval (a good trial first sets ASHA's bar; at lr 1e-8 the SAE
+    stays at its random init, a CE increase of nats behind), so one leaked placement group
+    would block every later trial (ray#54305)."""
+    base = tiny_train_config(
+        model_dir, corpus, tmp_path / name, n_samples=n_samples, eval_every_n_samples=32, eval_n_samples=8
+    )
+    del base["loss"]
+    space = {
+        "name": name,
+        "storage_path": str(tmp_path / "sweeps"),
+        "num_samples": 3,
+        "resources": {"num_workers": 1, "cpus_per_worker": 2},
+        "early_stopping": {"metric": EVAL_CE_LOSS_INCREASE, "grace_period": 1, "reduction_factor": 2},
+        "base_config": base,
+        "arms": {
+            "local": {
+                "loss": {"sparsity": {"coeff": 0.1}, "out_to_in": {"coeff": 1.0}},
+                "search": {"lr": {"type": "loguniform", "low": 1e-8, "high": 1e-2}},
+                "initial_points": [{"lr": 1e-2}, {"lr": 1e-8}, {"lr": 2e-8}],
+            }
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
-from conftest import tiny_train_config
+from conftest import asha_space
 
 from sparsify import metric_names as names
 from sweep.results import load_results
@@ -19,29 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_asha_stops_bad_trials_and_the_sweep_finishes(tiny_model_dir, corpus_dir, tmp_path):
-    base = tiny_train_config(
-        tiny_model_dir, corpus_dir, tmp_path, n_samples=128, eval_every_n_samples=32, eval_n_samples=8
-    )
-    del base["loss"]
-    space = {
-        "name": "asha",
-        "storage_path": str(tmp_path / "sweeps"),
-        "num_samples": 3,
-        "resources": {"num_workers": 1, "cpus_per_worker": 2},
-        "early_stopping": {"metric": names.EVAL_CE_LOSS_INCREASE, "grace_period": 1, "reduction_factor": 2},
-        "base_config": base,
-        "arms": {
-            "local": {
-                "loss": {"sparsity": {"coeff": 0.1}, "out_to_in": {"coeff": 1.0}},
-                "search": {"lr": {"type": "loguniform", "low": 1e-8, "high": 1e-2}},
-                # a good trial first sets ASHA's bar at the first eval; at lr 1e-8 the SAE stays
-                # at its random init, far behind (a CE increase of nats, not hundredths)
-                "initial_points": [{"lr": 1e-2}, {"lr": 1e-8}, {"lr": 2e-8}],
-            }
-        },
-    }
-    path = tmp_path / "asha.yaml"
-    path.write_text(yaml.safe_dump(space))
+    path = asha_space(tmp_path, "asha", tiny_model_dir, corpus_dir, n_samples=128)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
     env.pop("RAY_ADDRESS", None)  # a Ray of its own, with the dashboard, as `start_ray` starts it
     # a hang (leaked placement group) fails here instead of blocking the test run

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import checkpointed_sweep_base
+from conftest import PROCESS_TAG, checkpointed_sweep_base, tagged_processes
 
 import sweep.interrupt
 import sweep.run
@@ -48,28 +48,6 @@ PARAMS = {"loss.sparsity.coeff": 1.0}
 
 
 # --- the records ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def make_trial(tmp_path, monkeypatch):
-    """A `Trial` of arm `local` as `Tuner.fit()` creates it (as in test_tuner.py)."""
-    from ray.train._internal import storage
-    from ray.tune.experiment import Trial
-
-    monkeypatch.setattr(storage, "_get_ray_train_session_dir", lambda: str(tmp_path / "ray_session"))
-
-    def make(trial_id: str, **config) -> Trial:
-        context = storage.StorageContext(
-            storage_path=str(tmp_path / "sweep" / "ray_tune"), experiment_dir_name=ARM
-        )
-        trial = Trial(
-            "run_trial", config={"arm": ARM, **config}, trial_id=trial_id, storage=context, stub=True,
-            trial_dirname_creator=lambda t: f"{ARM}_{t.trial_id}",
-        )  # fmt: skip
-        trial.init_local_path()
-        return trial
-
-    return make
 
 
 def test_interrupted_is_a_status_the_report_counts():
@@ -352,23 +330,6 @@ def test_main_prints_the_line_and_exits_130_when_a_sweep_is_interrupted(
 # --- a real sweep, SIGINT from outside -------------------------------------------------------
 
 
-def tagged_processes(tag: str) -> list[int]:
-    """Live processes whose environment carries `tag`: the driver and every Ray process it started."""
-    needle = f"SWEEP_INTERRUPT_TEST_TAG={tag}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and state != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
 def kill_tagged(tag: str) -> None:
     for pid in tagged_processes(tag):  # only what this test started
         try:
@@ -408,7 +369,7 @@ def start_sweep(space_file: Path, log: Path, tag: str, *extra: str) -> subproces
     # its own local Ray (no RAY_ADDRESS), a short temp dir (unix socket paths <= 107 bytes)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(
-        RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"), SWEEP_INTERRUPT_TEST_TAG=tag,
+        RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"), **{PROCESS_TAG: tag},
         PYTHONUNBUFFERED="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
     )  # fmt: skip
     with log.open("w") as out:

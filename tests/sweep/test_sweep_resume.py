@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import checkpointed_sweep_base
+from conftest import PROCESS_TAG, checkpointed_sweep_base, tagged_processes
 
 from sparsify import metric_names as names
 from sweep.results import load_results
@@ -55,24 +55,6 @@ def format_trials(table: pd.DataFrame, title: str) -> str:
     lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
-
-
-def tagged_processes(tag: str) -> list[int]:
-    """Pids of live processes whose environment carries `tag`: the driver and every Ray process
-    it started (they inherit its environment), and nobody else's."""
-    needle = f"SWEEP_RESUME_TEST_TAG={tag}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and state != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 def checkpointed_unrecorded_trials(sweep_dir: Path) -> list[str]:
@@ -117,7 +99,7 @@ def test_killed_sweep_resumes_keeping_ended_trials(tiny_model_dir, corpus_dir, t
     # limited to 107 bytes), and a tag in the environment to find every process it starts
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=ray_tmp, SWEEP_RESUME_TEST_TAG=tag, PYTHONUNBUFFERED="1")
+    env.update(RAY_TMPDIR=ray_tmp, **{PROCESS_TAG: tag}, PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "sweep.run", str(space_file)]
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     start = time.monotonic()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import traceback
 
-import pytest
 from ray.exceptions import RayTaskError
 from ray.tune.experiment import Trial
 
@@ -26,28 +25,6 @@ from sweep.tuner import TrialRecordCallback
 
 ARM = "local"
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture
-def make_trial(tmp_path, monkeypatch):
-    """A `Trial` of arm `local` as `Tuner.fit()` creates it: its storage under the sweep's
-    `ray_tune/` folder, its driver-side folder (Ray's session folder) under `tmp_path`."""
-    from ray.train._internal import storage
-
-    monkeypatch.setattr(storage, "_get_ray_train_session_dir", lambda: str(tmp_path / "ray_session"))
-
-    def make(trial_id: str, **config) -> Trial:
-        context = storage.StorageContext(
-            storage_path=str(tmp_path / "sweep" / "ray_tune"), experiment_dir_name=ARM
-        )
-        trial = Trial(
-            "run_trial", config={"arm": ARM, **config}, trial_id=trial_id, storage=context, stub=True,
-            trial_dirname_creator=lambda t: f"{ARM}_{t.trial_id}",
-        )  # fmt: skip
-        trial.init_local_path()
-        return trial
-
-    return make
 
 
 def fail(trial: Trial, message: str) -> None:

@@ -19,10 +19,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import tiny_train_config
+from conftest import asha_space
 
-from sparsify import metric_names as names
 from sweep.results import load_results
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,33 +132,6 @@ def test_a_dead_controllers_placement_group_is_freed_with_another_ray_running(tm
     assert seen["worker_ray_address"] == seen["gcs_address"]  # every worker knows its cluster
     assert seen["driver_ray_address"] is None  # the driver's own environment is left alone
     assert seen["pg_state"] == "REMOVED", done.stderr[-3000:]
-
-
-def asha_space(tmp_path: Path, name: str, model_dir: Path, corpus: Path) -> Path:
-    """test_asha.py's sweep: 3 trials of 2 CPUs (the whole machine, to Ray), the last two
-    stopped by ASHA at their first eval: one leaked placement group blocks the next trial."""
-    base = tiny_train_config(
-        model_dir, corpus, tmp_path / name, n_samples=64, eval_every_n_samples=32, eval_n_samples=8
-    )
-    del base["loss"]
-    space = {
-        "name": name,
-        "storage_path": str(tmp_path / "sweeps"),
-        "num_samples": 3,
-        "resources": {"num_workers": 1, "cpus_per_worker": 2},
-        "early_stopping": {"metric": names.EVAL_CE_LOSS_INCREASE, "grace_period": 1, "reduction_factor": 2},
-        "base_config": base,
-        "arms": {
-            "local": {
-                "loss": {"sparsity": {"coeff": 0.1}, "out_to_in": {"coeff": 1.0}},
-                "search": {"lr": {"type": "loguniform", "low": 1e-8, "high": 1e-2}},
-                "initial_points": [{"lr": 1e-2}, {"lr": 1e-8}, {"lr": 2e-8}],
-            }
-        },
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(space))
-    return path
 
 
 @pytest.mark.slow
