@@ -53,7 +53,7 @@ def second_ctrl_c_exits_at_once() -> None:
 def stop_on_ctrl_c(signum: int, frame: Any) -> None:
     """SIGINT handler of a sweep outside Tune's runs (checks, model loading, the report): stop
     with KeyboardInterrupt, as Python would; the next Ctrl-C exits at once. During an arm's run
-    Tune takes the signal itself (`sweep.tuner.fit_arm`)."""
+    Tune takes the signal itself (`fit_arm`)."""
     second_ctrl_c_exits_at_once()
     raise KeyboardInterrupt
 

@@ -181,7 +181,8 @@ class SearchSpace(StrictModel):
     )
     max_concurrent_trials: int = Field(default=1, ge=1)
     storage_path: str = "sweeps"
-    """Local folder (relative to the working directory) or cloud URI for results."""
+    """Local or shared-filesystem folder (relative to the working directory) for results; a URI
+    (`s3://...`) is refused for now."""
     seed: Seed = 0
     """Seeds the Optuna samplers."""
     sampler: Literal["tpe", "nsga2", "qmc", "random"] = "tpe"
