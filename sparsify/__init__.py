@@ -51,6 +51,7 @@ _EXPORTS = {
     "check_writable": "sparsify.atomic",
     "make_folders": "sparsify.atomic",
     "redact": "sparsify.redaction",
+    "standard_error": "sparsify.metrics",
 }
 
 if TYPE_CHECKING:  # what type checkers see (and `train` is the function, not the `-m` module)
@@ -75,6 +76,7 @@ if TYPE_CHECKING:  # what type checkers see (and `train` is the function, not th
         StorageError,
     )
     from sparsify.export import export_saelens
+    from sparsify.metrics import standard_error
     from sparsify.model_loading import load_tlens_model, load_tokenizer, quiet_library_progress_bars
     from sparsify.prefetch import prepare
     from sparsify.redaction import redact

@@ -5,12 +5,14 @@ A reference config names its model with `tlens_model_name` or `tlens_model_path`
 level. `ReferenceConfig` validates that shape (an unknown field is a one-line error, as in our
 own format); `to_train_config` turns it into a `TrainConfig` once the model's hook names are
 known. Everything the reference format can say maps onto a field of ours; what cannot be
-honoured (TransformerLens-2 checkpoint folders, a tokenizer other than the model's for raw text)
-is a one-line `ConfigError`.
+honoured (TransformerLens-2 checkpoint folders) is a one-line `ConfigError`. Raw text is always
+tokenized with the model's own tokenizer: a `tokenizer_name` naming another one is logged as a
+warning (the reference's TinyStories configs name `gpt2`, whose vocabulary those models share).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +22,8 @@ from pydantic import BeforeValidator
 from sparsify.config import TrainConfig, validate_config
 from sparsify.errors import ConfigError
 from sparsify.schema import SAFE_NAME, Seed, StrictModel, read_yaml, validate_model
+
+logger = logging.getLogger(__name__)
 
 REFERENCE_CONFIG_FILE = "final_config.yaml"
 """The resolved config the reference writes next to its `samples_<N>.pt` checkpoints."""
@@ -239,10 +243,12 @@ def _default_name(positions: list[str], loss: dict[str, Any], ref: ReferenceConf
 
 def _data(data: RefData, model_name: str, section: str, default_seed: int) -> dict[str, Any]:
     if not data.is_tokenized and data.tokenizer_name != model_name:
-        raise ConfigError(
-            f"{section}.tokenizer_name: raw text is tokenized with the model's own tokenizer here; "
-            f"set it to {model_name!r} (got {data.tokenizer_name!r})"
-        )
+        # the reference tokenizes with `tokenizer_name`; we always use the model's own, which is
+        # the same vocabulary in the reference's configs (TinyStories models: GPT-2's)
+        logger.warning(
+            "%s.tokenizer_name: raw text is tokenized with the model's own tokenizer (%s), not %r",
+            section, model_name, data.tokenizer_name,
+        )  # fmt: skip
     return {
         "dataset_name": data.dataset_name,
         "is_tokenized": data.is_tokenized,

@@ -7,12 +7,24 @@ torch. Metric functions in `sparsify.metrics` return plain numbers keyed by the 
 Aggregates over several SAE positions: `L0` and `alive_dict_elements` are SUMS over positions
 (active latents per token across all SAEs; alive elements across all dictionaries), so with one
 SAE they equal that SAE's value. Per-position values use `per_hook(name, hook)`.
+
+Uncertainty (docs/design.md §5): every eval metric but `alive_dict_elements` comes with a standard
+error named `se_name(name)`, e.g. `eval_se/L0`, `eval_se/L0/blocks.6.hook_resid_pre`,
+`eval_se/loss/sparsity`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
+V = TypeVar("V")
+
 TRAIN = "train"
 EVAL = "eval"
+EVAL_SE = "eval_se"
+"""Prefix of the eval metrics' standard errors (`se_name`); not `eval/`, so nothing that picks the
+eval metrics by their prefix (objectives, Tune reports) takes a standard error for one."""
 
 # bare metric names
 L0 = "L0"
@@ -51,6 +63,13 @@ def loss_term(term: str) -> str:
     return f"{LOSS}/{term}"
 
 
+def se_name(name: str) -> str:
+    """Name of an eval metric's standard error, from its bare or `eval/`-prefixed name:
+    `se_name("L0") == se_name("eval/L0") == "eval_se/L0"`."""
+    bare = name.removeprefix(f"{EVAL}/")
+    return prefixed(EVAL_SE, bare)
+
+
 EVAL_L0 = prefixed(EVAL, L0)
 EVAL_ALIVE = prefixed(EVAL, ALIVE)
 EVAL_CE_LOSS_INCREASE = prefixed(EVAL, CE_LOSS_INCREASE)
@@ -73,7 +92,15 @@ PRODUCED_EVAL_METRICS = (
 """Eval metrics every training run reports (summed over SAE positions), so a sweep's
 objectives may name them."""
 
+PER_SEQUENCE_METRICS = (L0, CE_ORIG, CE_SAE, CE_LOSS_INCREASE, KL, TOP1_AGREEMENT, TOTAL_VARIATION)
+"""Eval metrics that are means of per-token values, so each eval sequence has its own value (the
+mean over the sequence's tokens; `L0` also per position); their standard error is over sequences."""
 
-def with_prefix(split: str, values: dict[str, float]) -> dict[str, float]:
+KEPT_PER_SEQUENCE = (EVAL_L0, EVAL_CE_LOSS_INCREASE, EVAL_KL)
+"""The per-sequence eval values a run keeps (`TrainResult.eval_per_sequence`, the run folder's
+`eval_per_sequence.json`, sweep trial records): one list per name, in eval-sequence order."""
+
+
+def with_prefix(split: str, values: Mapping[str, V]) -> dict[str, V]:
     """Every key of `values` under `split`: `with_prefix("eval", {"L0": 3.0}) == {"eval/L0": 3.0}`."""
     return {prefixed(split, name): value for name, value in values.items()}

@@ -68,16 +68,90 @@ def frontiers(df: pd.DataFrame, x: str, y: str, arm_col: str = "arm") -> dict[st
     return {str(arm): non_dominated(group, x, y) for arm, group in df.groupby(arm_col, sort=True)}
 
 
-def _usable_points(frontier: pd.DataFrame, x: str, y: str, log_x: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Frontier (x, y) arrays sorted by y ascending; x <= 0 dropped when log_x."""
-    points = non_dominated(frontier, x, y)
-    xs = points[x].to_numpy(dtype=float)
-    ys = points[y].to_numpy(dtype=float)
+def frontier_arrays(
+    xs: np.ndarray | Sequence[float], ys: np.ndarray | Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """`non_dominated` on plain arrays (the bootstrap refits frontiers thousands of times).
+
+    Args:
+        xs: Shape (n,), the minimized x values (e.g. L0).
+        ys: Shape (n,), the minimized y values (e.g. CE increase, nats/token).
+
+    Returns:
+        (x, y) of the non-dominated finite points, sorted by x ascending (y strictly
+        decreasing); of exactly equal points the first is kept, as in `non_dominated`.
+    """
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    keep = np.isfinite(xs) & np.isfinite(ys)
+    xs, ys = xs[keep], ys[keep]
+    order = np.lexsort((ys, xs))  # by x, then y; stable
+    xs, ys = xs[order], ys[order]
+    best_before = np.minimum.accumulate(np.concatenate([[np.inf], ys]))[:-1]
+    return xs[ys < best_before], ys[ys < best_before]
+
+
+def _log_x_points(xs: np.ndarray, ys: np.ndarray, log_x: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Frontier arrays with x <= 0 dropped when `log_x`: log L0 is undefined at L0 = 0 (a dead
+    SAE), so such a point cannot anchor a segment."""
+    if not log_x:
+        return xs, ys
+    keep = xs > 0
+    return xs[keep], ys[keep]
+
+
+def x_at_y(
+    xs: np.ndarray, ys: np.ndarray, y_targets: Sequence[float] | np.ndarray, log_x: bool = True
+) -> np.ndarray:
+    """`interpolate_x_at_y` on frontier arrays (from `frontier_arrays`): NaN outside [min y, max y]."""
+    targets = np.asarray(y_targets, dtype=float)
+    xs, ys = _log_x_points(xs, ys, log_x)
+    result = np.full(targets.shape, np.nan)
+    if len(xs) == 0:
+        return result
+    xs, ys = xs[::-1], ys[::-1]  # y ascending for np.interp
+    inside = (targets >= ys[0]) & (targets <= ys[-1])
+    values = np.log(xs) if log_x else xs
+    interpolated = np.interp(targets[inside], ys, values)
+    result[inside] = np.exp(interpolated) if log_x else interpolated
+    return result
+
+
+def y_at_x(
+    xs: np.ndarray, ys: np.ndarray, x_targets: Sequence[float] | np.ndarray, log_x: bool = True
+) -> np.ndarray:
+    """The y (e.g. CE increase) a frontier reaches at each target x (e.g. L0), docs/design.md §8.
+
+    For a target x between consecutive frontier points x_i <= x <= x_j, linear in log x:
+    `y(x) = y_i + (log x - log x_i) / (log x_j - log x_i) * (y_j - y_i)` (in x itself with
+    `log_x=False`). Targets outside [min x, max x] give NaN: nothing is extrapolated.
+
+    Args:
+        xs: Frontier x values, ascending (from `frontier_arrays`).
+        ys: Frontier y values, strictly decreasing.
+        x_targets: The target x values.
+        log_x: Interpolate linearly in log(x) (the default); x <= 0 is then left out.
+
+    Returns:
+        Float array, one y per target.
+    """
+    targets = np.asarray(x_targets, dtype=float)
+    xs, ys = _log_x_points(xs, ys, log_x)
+    result = np.full(targets.shape, np.nan)
+    if len(xs) == 0:
+        return result
+    inside = (targets >= xs[0]) & (targets <= xs[-1])
     if log_x:
-        # log L0 is undefined at L0 = 0 (a dead SAE); such a point cannot anchor a segment
-        keep = xs > 0
-        xs, ys = xs[keep], ys[keep]
-    return xs[::-1], ys[::-1]
+        result[inside] = np.interp(np.log(targets[inside]), np.log(xs), ys)
+    else:
+        result[inside] = np.interp(targets[inside], xs, ys)
+    return result
+
+
+def _df_arrays(df: pd.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+    """The frontier arrays of a table's columns `x` and `y`."""
+    xs = pd.to_numeric(df[x], errors="coerce").to_numpy(dtype=float)
+    ys = pd.to_numeric(df[y], errors="coerce").to_numpy(dtype=float)
+    return frontier_arrays(xs, ys)
 
 
 def interpolate_x_at_y(
@@ -106,16 +180,16 @@ def interpolate_x_at_y(
     Returns:
         Float array, one x per target, NaN where a target is outside the frontier's y range.
     """
-    targets = np.asarray(y_targets, dtype=float)
-    xs, ys = _usable_points(frontier, x, y, log_x)
-    result = np.full(targets.shape, np.nan)
-    if len(xs) == 0:
-        return result
-    inside = (targets >= ys[0]) & (targets <= ys[-1])
-    values = np.log(xs) if log_x else xs
-    interpolated = np.interp(targets[inside], ys, values)
-    result[inside] = np.exp(interpolated) if log_x else interpolated
-    return result
+    return x_at_y(*_df_arrays(frontier, x, y), y_targets, log_x=log_x)
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> tuple[float, float] | None:
+    """The range two sets of values both cover, [max of minima, min of maxima], or None when
+    they do not overlap (or either is empty)."""
+    if len(a) == 0 or len(b) == 0:
+        return None
+    low, high = max(float(np.min(a)), float(np.min(b))), min(float(np.max(a)), float(np.max(b)))
+    return (low, high) if low <= high else None
 
 
 def l0_ratio_at_matched_ce(
@@ -155,13 +229,14 @@ def l0_ratio_at_matched_ce(
             raise KeyError(f"arm {arm!r} has no frontier (arms: {', '.join(sorted(frontiers))})")
     num_col, den_col = f"L0_{numerator}", f"L0_{denominator}"
     if targets is None:
-        _, y_num = _usable_points(frontiers[numerator], x, y, log_x=True)
-        _, y_den = _usable_points(frontiers[denominator], x, y, log_x=True)
-        if len(y_num) == 0 or len(y_den) == 0:
+        _, y_num = _log_x_points(*_df_arrays(frontiers[numerator], x, y), log_x=True)
+        _, y_den = _log_x_points(*_df_arrays(frontiers[denominator], x, y), log_x=True)
+        shared = overlap(y_num, y_den)
+        if shared is None:
             targets = np.array([])
         else:
-            low, high = max(y_num[0], y_den[0]), min(y_num[-1], y_den[-1])
-            targets = np.array([]) if low > high else np.linspace(low, high, n_targets if high > low else 1)
+            low, high = shared
+            targets = np.linspace(low, high, n_targets if high > low else 1)
     targets = np.asarray(targets, dtype=float)
     l0_num = interpolate_x_at_y(frontiers[numerator], x, y, targets)
     l0_den = interpolate_x_at_y(frontiers[denominator], x, y, targets)

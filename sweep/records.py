@@ -6,8 +6,18 @@ Every trial of a sweep, finished or not, leaves one record at
     {"arm": "local", "trial_id": "local_00003",
      "status": "finished" | "diverged" | "stopped" | "error" | "interrupted",
      "params": {"loss.sparsity.coeff": 0.5, ...},
-     "metrics": {"eval/L0": 12.3, "eval/ce_loss_increase": 0.21, ...},
-     "error": null | "one line", "wall_time_s": 123.4}
+     "metrics": {"eval/L0": 12.3, "eval_se/L0": 0.4, "eval/ce_loss_increase": 0.21, ...},
+     "error": null | "one line", "wall_time_s": 123.4,
+     "eval_per_sequence": {"eval/L0": [12.1, 12.9, ...], "eval/ce_loss_increase": [...],
+                           "eval/kl": [...]},
+     "replicates": [{"seed": 0, "metrics": {...}, "eval_per_sequence": {...}, "wall_time_s": 61.2},
+                    {"seed": 1, ...}]}
+
+`eval_per_sequence` (a finished trial's final eval, one value per eval sequence) and `replicates`
+(one entry per seed of a `seeds: N` search space, N > 1; docs/design.md §7, §11) are optional:
+written only when not empty, read as empty when missing (records written before them). With
+replicates, `metrics` holds their means and `eval_se/<name>` the standard error across seeds,
+and `eval_per_sequence` is empty (each replicate has its own).
 
 Finished and diverged trials write their own (`sweep.trial`); errored, early-stopped and
 interrupted ones are written by the sweep's Tune callback the moment Tune ends them
@@ -54,8 +64,12 @@ STOPPED_BY_ASHA = "stopped early by ASHA"
 INTERRUPTED_BY_USER = "the sweep was interrupted while this trial ran; rerunning the sweep resumes it"
 """The `error` of a record with status `interrupted`."""
 TRIALS_DIR = "trials"
-RECORD_KEYS = ("arm", "trial_id", "status", "params", "metrics", "error", "wall_time_s")
+OPTIONAL_KEYS = ("eval_per_sequence", "replicates")
+"""Keys written only when not empty (so a record without them is the JSON it always was)."""
+RECORD_KEYS = ("arm", "trial_id", "status", "params", "metrics", "error", "wall_time_s", *OPTIONAL_KEYS)
 REQUIRED_KEYS = ("arm", "trial_id", "status")
+REPLICATE_KEYS = ("seed", "metrics", "eval_per_sequence", "wall_time_s")
+"""The keys of one entry of `replicates` (`seed` and `metrics` required)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,12 @@ class TrialRecord:
         metrics: The trial's metrics by name (eval/... and others); empty for an errored trial.
         error: One line saying why a trial did not finish; None for a finished one.
         wall_time_s: The trial's training time; None when not measured (stopped, errored).
+        eval_per_sequence: The final eval's value of each eval sequence for `eval/L0`,
+            `eval/ce_loss_increase` and `eval/kl` (`TrainResult.eval_per_sequence`); empty when
+            not recorded (an older record, an unfinished trial, or one with replicates).
+        replicates: With `seeds: N` (N > 1), one entry per training of the point:
+            `{"seed": int, "metrics": {...}, "eval_per_sequence": {...}, "wall_time_s": float}`,
+            `seed` being the training config's seed of that replicate; empty otherwise.
     """
 
     arm: str
@@ -79,10 +99,15 @@ class TrialRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     wall_time_s: float | None = None
+    eval_per_sequence: dict[str, list[float]] = field(default_factory=dict)
+    replicates: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """The record as the JSON object stored on disk (every key present)."""
-        return {key: getattr(self, key) for key in RECORD_KEYS}
+        """The record as the JSON object stored on disk (every key present but the empty
+        `OPTIONAL_KEYS`)."""
+        return {
+            key: getattr(self, key) for key in RECORD_KEYS if key not in OPTIONAL_KEYS or getattr(self, key)
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrialRecord:
@@ -111,13 +136,56 @@ class TrialRecord:
         error, wall_time_s = data.get("error"), data.get("wall_time_s")
         if error is not None and not isinstance(error, str):
             raise ValueError(f"trial record error must be a string or null (got {error!r})")
-        number = isinstance(wall_time_s, int | float) and not isinstance(wall_time_s, bool)  # bool is an int
-        if wall_time_s is not None and not number:
+        if wall_time_s is not None and not _is_number(wall_time_s):
             raise ValueError(f"trial record wall_time_s must be a number or null (got {wall_time_s!r})")
+        per_sequence = _per_sequence(data.get("eval_per_sequence"), "trial record eval_per_sequence")
+        replicates = data.get("replicates") or []
+        if not isinstance(replicates, list):
+            raise ValueError(f"trial record replicates must be a list (got {replicates!r})")
         return cls(
             arm=data["arm"], trial_id=data["trial_id"], status=status, params=dict(params),
-            metrics=dict(metrics), error=error, wall_time_s=wall_time_s,
+            metrics=dict(metrics), error=error, wall_time_s=wall_time_s, eval_per_sequence=per_sequence,
+            replicates=[_replicate(entry, i) for i, entry in enumerate(replicates)],
         )  # fmt: skip
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)  # bool is an int
+
+
+def _per_sequence(value: Any, what: str) -> dict[str, list[float]]:
+    """A checked copy of an `eval_per_sequence` object (null reads as empty)."""
+    value = value or {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be an object of number lists (got {value!r})")
+    for name, values in value.items():
+        if not isinstance(values, list) or not all(_is_number(v) for v in values):
+            raise ValueError(f"{what} {name!r} must be a list of numbers")
+    return {name: list(values) for name, values in value.items()}
+
+
+def _replicate(entry: Any, index: int) -> dict[str, Any]:
+    """A checked replicate entry, every key of `REPLICATE_KEYS` present."""
+    what = f"trial record replicates[{index}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{what} must be an object (got {entry!r})")
+    unknown = sorted(set(entry) - set(REPLICATE_KEYS))
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {', '.join(unknown)}")
+    seed, metrics, wall_time_s = entry.get("seed"), entry.get("metrics"), entry.get("wall_time_s")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"{what} seed must be an integer (got {seed!r})")
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{what} metrics must be an object (got {metrics!r})")
+    if wall_time_s is not None and not _is_number(wall_time_s):
+        raise ValueError(f"{what} wall_time_s must be a number or null (got {wall_time_s!r})")
+    per_sequence = _per_sequence(entry.get("eval_per_sequence"), f"{what} eval_per_sequence")
+    return {
+        "seed": seed,
+        "metrics": dict(metrics),
+        "eval_per_sequence": per_sequence,
+        "wall_time_s": wall_time_s,
+    }
 
 
 def trial_record_path(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> Path:
@@ -199,17 +267,17 @@ def has_final_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id
     return data is None or data.get("status") != INTERRUPTED
 
 
-def load_record_json(path: Path) -> dict[str, Any] | None:
+def load_record_json(path: Path, what: str = "trial record") -> dict[str, Any] | None:
     """A record file's JSON object, or None: missing (silently), unreadable or not an object
-    (with a warning)."""
+    (with a warning that names the file as `what`)."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        logger.warning("skipping unreadable trial record %s: %s", path, exc)
+        logger.warning("skipping unreadable %s %s: %s", what, path, exc)
         return None
     if not isinstance(record, dict):
-        logger.warning("skipping trial record %s: not a JSON object", path)
+        logger.warning("skipping %s %s: not a JSON object", what, path)
         return None
     return record

@@ -11,6 +11,7 @@ matplotlib's Agg canvas directly, so importing this module changes no global bac
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from matplotlib import ticker
@@ -25,10 +27,22 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sparsify import StorageError, atomic_write_text, atomic_write_with, check_writable, make_folders
-from sparsify.metric_names import EVAL_ALIVE, EVAL_CE_LOSS_INCREASE, EVAL_L0
+from sparsify.metric_names import (
+    EVAL_ALIVE,
+    EVAL_CE_LOSS_INCREASE,
+    EVAL_L0,
+    TOKENS_SEEN,
+    TRAIN,
+    prefixed,
+    se_name,
+)
+from sweep.baseline import baseline_arm
+from sweep.bootstrap import points_from_records
 from sweep.pareto import frontiers, hypervolume_2d, l0_ratio_at_matched_ce, shared_reference_point
 from sweep.records import FINISHED, STATUSES
-from sweep.results import PARAM_PREFIX, finished, load_results
+from sweep.results import PARAM_PREFIX, finished, load_records, load_results
+from sweep.space import SPACE_RECORD
+from sweep.verdict import METHOD, Comparison, compare
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +50,10 @@ REPORT_DIR = "report"
 """The report's default folder, inside the sweep folder."""
 STDOUT = "-"
 """`--out -`: print the markdown report, write nothing."""
-NUMERATOR_ARM, DENOMINATOR_ARM = "local", "e2e"
+TRAIN_TOKENS = prefixed(TRAIN, TOKENS_SEEN)
+TOY_SCALE_TOKENS = 10_000_000
+"""Below this many training tokens per SAE a sweep is a toy-scale run: the paper trains on
+400k sequences of 1,024 tokens (~410M tokens)."""
 CE_LABEL = "eval CE loss increase (nats/token)"
 VIEWS = {
     # file stem -> (x column, x-axis label)
@@ -100,6 +117,11 @@ def _plot_view(
         color = f"C{i % 10}"
         points = trials[trials["arm"] == arm]
         ax.scatter(points[x], points[EVAL_CE_LOSS_INCREASE], color=color, alpha=0.3, s=24, linewidths=0)
+        x_err, y_err = _errors(points, x), _errors(points, EVAL_CE_LOSS_INCREASE)
+        if x_err is not None or y_err is not None:
+            # one standard error: of the eval mean, or across a point's seeds (`seeds: N`)
+            ax.errorbar(points[x], points[EVAL_CE_LOSS_INCREASE], xerr=x_err, yerr=y_err, fmt="none",
+                        ecolor=color, alpha=0.5, elinewidth=1, capsize=2)  # fmt: skip
         front = fronts.get(arm, points.iloc[0:0])
         ax.plot(front[x], front[EVAL_CE_LOSS_INCREASE], color=color, marker="o", label=f"{arm} frontier")
         any_positive_x |= bool((pd.to_numeric(points[x], errors="coerce") > 0).any())
@@ -118,6 +140,15 @@ def _plot_view(
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
+def _errors(points: pd.DataFrame, column: str) -> Any:
+    """The standard errors of a column (`eval_se/...`) for error bars, or None when not recorded."""
+    se = se_name(column)
+    if se not in points.columns:
+        return None
+    values = pd.to_numeric(points[se], errors="coerce").fillna(0.0).to_numpy(dtype=float)
+    return values if values.any() else None
+
+
 def _counts_table(df: pd.DataFrame) -> pd.DataFrame:
     counts = pd.crosstab(df["arm"], df["status"]).reindex(columns=list(STATUSES), fill_value=0)
     counts["total"] = df.groupby("arm").size()
@@ -133,19 +164,28 @@ def _frontier_section(arm: str, front: pd.DataFrame) -> str:
     return f"### {arm}\n\n" + markdown_table(front[columns + params], headers)
 
 
-def _ratio_section(fronts: Mapping[str, pd.DataFrame]) -> str:
-    title = f"## L0 ratio {NUMERATOR_ARM}/{DENOMINATOR_ARM} at matched CE loss increase\n\n"
-    if NUMERATOR_ARM not in fronts or DENOMINATOR_ARM not in fronts:
-        return title + (
-            f"Needs finished trials of both arms {NUMERATOR_ARM!r} and {DENOMINATOR_ARM!r} "
-            f"(found: {', '.join(sorted(fronts)) or 'none'}).\n"
-        )
-    ratios = l0_ratio_at_matched_ce(fronts, NUMERATOR_ARM, DENOMINATOR_ARM)
-    if ratios.empty:
-        return title + "The two frontiers' CE loss increase ranges do not overlap.\n"
-    intro = "L0 interpolated along each frontier, linear in log L0 (docs/design.md §8).\n\n"
-    headers = ["CE increase (nats/token)", f"L0 {NUMERATOR_ARM}", f"L0 {DENOMINATOR_ARM}", "ratio"]
-    return title + intro + markdown_table(ratios, headers)
+def _ratio_section(fronts: Mapping[str, pd.DataFrame], baseline: str | None) -> str:
+    title = "## L0 ratio to the baseline at matched CE loss increase\n\n"
+    if baseline is None:
+        return title + "No baseline arm (see the verdict).\n"
+    intro = (
+        f"L0 of the baseline ({baseline}) / L0 of each arm at CE-loss increases spread over the overlap of "
+        "their frontiers, interpolated linearly in log L0 (docs/design.md §8).\n\n"
+    )
+    tables = []
+    for arm in sorted(fronts):
+        if arm == baseline:
+            continue
+        if baseline not in fronts:
+            tables.append(f"### {arm}\n\n{baseline} has no finished trial.\n")
+            continue
+        ratios = l0_ratio_at_matched_ce(fronts, baseline, arm)
+        if ratios.empty:
+            tables.append(f"### {arm}\n\nThe two frontiers' CE loss increase ranges do not overlap.\n")
+            continue
+        headers = ["CE increase (nats/token)", f"L0 {baseline}", f"L0 {arm}", f"ratio {baseline}/{arm}"]
+        tables.append(f"### {arm}\n\n" + markdown_table(ratios, headers))
+    return title + intro + "\n".join(tables)
 
 
 def _hypervolume_section(trials: pd.DataFrame, arms: Sequence[str]) -> str:
@@ -171,7 +211,7 @@ def _hypervolume_section(trials: pd.DataFrame, arms: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class _Results:
-    """A sweep's results table and its frontiers, as the report shows them."""
+    """A sweep's results table, its frontiers and its verdict, as the report shows them."""
 
     df: pd.DataFrame
     arms: list[str]
@@ -179,13 +219,40 @@ class _Results:
     fronts: dict[str, pd.DataFrame]
     alive_done: pd.DataFrame
     alive_fronts: dict[str, pd.DataFrame]
+    baseline: str | None
+    baseline_note: str
+    """Why there is no baseline, or where it came from."""
+    comparisons: list[Comparison]
 
 
-def _load(sweep_dir: Path) -> _Results:
-    """Read a sweep's trial records (nothing is written).
+def recorded_baseline(sweep_dir: Path) -> tuple[str | None, str]:
+    """The baseline arm of the search space recorded in the sweep folder (`SPACE_RECORD`), and
+    a note saying where it came from or why there is none."""
+    path = sweep_dir / SPACE_RECORD
+    try:
+        space = json.loads(path.read_text(encoding="utf-8"))["space"]
+        arms = space["arms"]
+        losses = {name: arm.get("loss") or {} for name, arm in arms.items()}
+        searched = {name: list(arm.get("search") or {}) for name, arm in arms.items()}
+        fixed = {name: dict(arm.get("set") or {}) for name, arm in arms.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, f"no readable {SPACE_RECORD} in the sweep folder; name the baseline with --baseline ARM"
+    try:
+        baseline = baseline_arm(losses, searched, space.get("baseline"), fixed)
+    except ValueError as exc:
+        return None, f"{exc} (or --baseline ARM)"
+    if baseline is None:
+        return None, "the search space has one arm: there is nothing to compare"
+    how = "named by `baseline`" if space.get("baseline") else "the arm without logits_kl and in_to_orig terms"
+    return baseline, how
+
+
+def _load(sweep_dir: Path, baseline: str | None = None) -> _Results:
+    """Read a sweep's trial records (nothing is written) and compare every arm with the baseline.
 
     Raises:
-        ReportError: If the folder does not exist or holds no readable trial record.
+        ReportError: If the folder does not exist or holds no readable trial record, or
+            `baseline` is not one of its arms.
     """
     if not sweep_dir.is_dir():
         raise ReportError(f"sweep folder not found: {sweep_dir}")
@@ -195,16 +262,84 @@ def _load(sweep_dir: Path) -> _Results:
     for column in (EVAL_L0, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE):
         if column not in df.columns:
             df[column] = float("nan")
+    arms = sorted(df["arm"].unique())
+    if baseline is not None:
+        if baseline not in arms:
+            raise ReportError(
+                f"--baseline {baseline!r} is not an arm of this sweep (arms: {', '.join(arms)})"
+            )
+        note = "named with --baseline"
+    else:
+        baseline, note = recorded_baseline(sweep_dir)
+    points = points_from_records(load_records(sweep_dir))
+    comparisons = []
+    if baseline is not None:
+        comparisons = [
+            compare(arm, baseline, points.get(arm, []), points.get(baseline, []))
+            for arm in arms
+            if arm != baseline
+        ]
     done = finished(df)
     alive_done = finished(df, (EVAL_ALIVE, EVAL_CE_LOSS_INCREASE))
     return _Results(
         df=df,
-        arms=sorted(df["arm"].unique()),
+        arms=arms,
         done=done,
         fronts=frontiers(done, EVAL_L0, EVAL_CE_LOSS_INCREASE),
         alive_done=alive_done,
         alive_fronts=frontiers(alive_done, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE),
+        baseline=baseline,
+        baseline_note=note,
+        comparisons=comparisons,
     )
+
+
+def _toy_scale_note(done: pd.DataFrame) -> str:
+    """A plain warning when the SAEs trained on too few tokens for the verdict to mean much."""
+    if TRAIN_TOKENS not in done.columns or done.empty:
+        return ""
+    tokens = pd.to_numeric(done[TRAIN_TOKENS], errors="coerce").max()
+    if not tokens or not math.isfinite(tokens) or tokens >= TOY_SCALE_TOKENS:
+        return ""
+    ce = pd.to_numeric(done[EVAL_CE_LOSS_INCREASE], errors="coerce")
+    return (
+        f"**Toy-scale run.** Each SAE trained on at most {tokens:,.0f} tokens (the paper: ~410M); these "
+        f"SAEs are far from converged, and their CE-loss increases ({ce.min():.3g}-{ce.max():.3g} "
+        "nats/token) are far above the paper's 0.1-0.2. Read this verdict as a demonstration of the "
+        "method, not as an answer: `search_spaces/e2e_gpt2.yaml` runs the real comparison (GPT-2 small, "
+        "L0 targets 20-200).\n\n"
+    )
+
+
+def _verdict_section(results: _Results) -> str:
+    lines = ["## Verdict\n\n", _toy_scale_note(results.done)]
+    if results.baseline is None:
+        return "".join(lines) + f"No verdict: {results.baseline_note}.\n"
+    lines.append(f"Baseline: **{results.baseline}** ({results.baseline_note}).\n\n")
+    lines += [comparison.text + "\n\n" for comparison in results.comparisons]
+    lines.append(f"Method: {METHOD}\n")
+    return "".join(lines)
+
+
+def verdict_json(results: _Results) -> dict[str, Any]:
+    """The verdict's numbers, as written to `verdict.json`."""
+    return {
+        "baseline": results.baseline,
+        "baseline_note": results.baseline_note,
+        "method": METHOD,
+        "comparisons": [c.to_json() for c in results.comparisons],
+    }
+
+
+def _finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None: strict JSON (jq, JavaScript)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 NO_PLOT = "(No plot in a printed report: `python -m sweep.report <sweep folder> --out DIR` draws it.)\n"
@@ -216,37 +351,45 @@ def _markdown(sweep_dir: Path, results: _Results, plots: bool) -> str:
     name = sweep_dir.resolve().name
     sections = [
         f"# Sweep report: {name}\n\n{len(df)} trials in `{sweep_dir}`; frontiers use finished trials only.\n",
+        _verdict_section(results),
         "## Trials per arm\n\n" + markdown_table(_counts_table(df)),
         "## Frontiers: L0 vs CE loss increase\n\n"
         + ("![L0 vs CE loss increase](frontier_l0.png)\n" if plots else NO_PLOT),
         *(_frontier_section(arm, fronts.get(arm, df.iloc[0:0])) for arm in arms),
         "## Alive dictionary elements vs CE loss increase\n\n"
         + ("![alive elements vs CE loss increase](frontier_alive.png)\n" if plots else NO_PLOT),
-        _ratio_section(fronts),
+        _ratio_section(fronts, results.baseline),
         # each view keeps its own finite points (hypervolume_2d drops NaN per view)
         _hypervolume_section(df[df["status"] == FINISHED], arms),
     ]
     return "\n".join(sections)
 
 
-def report_text(sweep_dir: str | os.PathLike[str]) -> str:
+def report_text(sweep_dir: str | os.PathLike[str], baseline: str | None = None) -> str:
     """The markdown report of a sweep, without plots, writing nothing (e.g. for a sweep on
     read-only storage).
 
     Raises:
-        ReportError: If the folder does not exist or holds no readable trial record.
+        ReportError: If the folder does not exist or holds no readable trial record, or
+            `baseline` is not an arm.
     """
     sweep_dir = Path(sweep_dir)
-    return _markdown(sweep_dir, _load(sweep_dir), plots=False)
+    return _markdown(sweep_dir, _load(sweep_dir, baseline), plots=False)
 
 
-def build_report(sweep_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Write the CSVs, plots and markdown report of a sweep (docs/design.md §8).
+def build_report(
+    sweep_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    baseline: str | None = None,
+) -> Path:
+    """Write the CSVs, plots, `verdict.json` and markdown report of a sweep (docs/design.md §8).
 
     Args:
         sweep_dir: The sweep's folder (holding `trials/<arm>/<trial_id>.json`); only read.
         out_dir: Where to write the report (created if missing); by default
             `<sweep_dir>/report`.
+        baseline: The arm the verdict compares every other arm with; by default the recorded
+            search space's (`SearchSpace.baseline_arm`).
 
     Returns:
         The path of `<out_dir>/report.md`.
@@ -257,7 +400,7 @@ def build_report(sweep_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
             before anything is written; `filename` is the folder, or the file that failed.
     """
     sweep_dir = Path(sweep_dir)
-    results = _load(sweep_dir)
+    results = _load(sweep_dir, baseline)
     out = sweep_dir / REPORT_DIR if out_dir is None else Path(out_dir)
     make_folders(out)
     check_writable(out)
@@ -271,6 +414,10 @@ def build_report(sweep_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         results.alive_fronts,
         results.arms,
         *VIEWS["frontier_alive"],
+    )
+    _write_text(
+        out / "verdict.json",
+        json.dumps(_finite_or_null(verdict_json(results)), indent=2, allow_nan=False) + "\n",
     )
     report_path = out / "report.md"
     _write_text(report_path, _markdown(sweep_dir, results, plots=True))
@@ -298,14 +445,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"write the report into DIR instead of <sweep_dir>/{REPORT_DIR} (e.g. when the sweep is on "
         f"read-only storage); '{STDOUT}' prints the markdown report to stdout and writes nothing",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="ARM",
+        help="the arm the verdict compares the others with (default: the search space's)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     out = args.sweep_dir / REPORT_DIR if args.out is None else Path(args.out)
     try:
         if args.out == STDOUT:
-            sys.stdout.write(report_text(args.sweep_dir))
+            sys.stdout.write(report_text(args.sweep_dir, args.baseline))
             return 0
-        report_path = build_report(args.sweep_dir, out)
+        report_path = build_report(args.sweep_dir, out, args.baseline)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

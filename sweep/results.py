@@ -2,8 +2,9 @@
 
 Every trial of a sweep, finished or not, leaves one JSON record at
 `<sweep_dir>/trials/<arm>/<trial_id>.json` (format and writing: `sweep.records`).
-`load_results` turns the records into one pandas DataFrame, one row per trial; `finished`
-keeps the rows a frontier may be built from. Torch-free and Ray-free on purpose.
+`load_records` reads them whole (with per-sequence values and replicates); `load_results`
+turns them into one pandas DataFrame, one row per trial; `finished` keeps the rows a frontier
+may be built from. Torch-free and Ray-free on purpose.
 """
 
 from __future__ import annotations
@@ -23,30 +24,61 @@ from sweep.records import FINISHED, TRIALS_DIR, TrialRecord, load_record_json
 logger = logging.getLogger(__name__)
 
 PARAM_PREFIX = "param:"
-FIXED_COLUMNS = ("arm", "trial_id", "status", "error", "wall_time_s")
+FIXED_COLUMNS = ("arm", "trial_id", "status", "error", "wall_time_s", "n_seeds")
+RECORD_COLUMNS = FIXED_COLUMNS[:-1]
+"""The fixed columns that are record fields; `n_seeds` is the number of trainings of the point
+(`len(replicates)`, 1 for a record without replicates)."""
 
 
-def _read_record(path: Path) -> dict[str, Any] | None:
-    """One record as a flat row, or None (with a warning) when it cannot be used: the same
-    check as `sweep.records.read_trial_record` (`TrialRecord.from_json`)."""
+def _read_record(path: Path) -> TrialRecord | None:
+    """One record, or None (with a warning) when it cannot be used: the same check as
+    `sweep.records.read_trial_record` (`TrialRecord.from_json`)."""
     data = load_record_json(path)
     if data is None:
         return None
     # the path is built from arm and trial_id, so it is the fallback for both
     data = {"arm": path.parent.name, "trial_id": path.stem, **data}
     try:
-        record = TrialRecord.from_json(data)
+        return TrialRecord.from_json(data)
     except ValueError as exc:
         logger.warning("skipping trial record %s: %s", path, exc)
         return None
+
+
+def _row(record: TrialRecord) -> dict[str, Any]:
+    """One record as a flat table row."""
     row: dict[str, Any] = {**record.metrics, **{f"{PARAM_PREFIX}{k}": v for k, v in record.params.items()}}
     # the fixed fields last, so no metric key can shadow them
-    row.update({column: getattr(record, column) for column in FIXED_COLUMNS})
+    row.update({column: getattr(record, column) for column in RECORD_COLUMNS})
+    row["n_seeds"] = len(record.replicates) or 1
     return row
 
 
+def load_records(sweep_dir: str | os.PathLike[str]) -> list[TrialRecord]:
+    """Every usable stored trial record of a sweep, whole (with `eval_per_sequence` and
+    `replicates`), sorted by arm then trial_id.
+
+    The same files as `load_results`: names starting with "." (temp files of an interrupted
+    write) are ignored; unreadable or corrupt records are skipped with a logged warning.
+
+    Raises:
+        FileNotFoundError: If `sweep_dir` does not exist or is not a folder.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep folder not found: {sweep_dir}")
+    records = []
+    for path in sorted((sweep_dir / TRIALS_DIR).glob("*/*.json")):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        record = _read_record(path)
+        if record is not None:
+            records.append(record)
+    return sorted(records, key=lambda r: (r.arm, r.trial_id))
+
+
 def load_results(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read every stored trial record of a sweep into one table.
+    """Read every stored trial record of a sweep into one table (records: `load_records`).
 
     Files whose names start with "." (temp files of an interrupted write) are ignored;
     unreadable or corrupt records are skipped with a logged warning.
@@ -56,24 +88,15 @@ def load_results(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
 
     Returns:
         One row per trial, sorted by arm then trial_id. Columns: `arm`, `trial_id`,
-        `status`, `error`, `wall_time_s`, then each metric key as stored (e.g. "eval/L0"),
-        then each searched parameter as "param:<dotted path>". Metrics or params a trial
-        did not record are NaN. A sweep without records gives an empty table that still
-        has the fixed columns.
+        `status`, `error`, `wall_time_s`, `n_seeds` (trainings of the point: its replicates,
+        or 1), then each metric key as stored (e.g. "eval/L0", "eval_se/L0"), then each
+        searched parameter as "param:<dotted path>". Metrics or params a trial did not record
+        are NaN. A sweep without records gives an empty table that still has the fixed columns.
 
     Raises:
         FileNotFoundError: If `sweep_dir` does not exist or is not a folder.
     """
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep folder not found: {sweep_dir}")
-    rows = []
-    for path in sorted((sweep_dir / TRIALS_DIR).glob("*/*.json")):
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        row = _read_record(path)
-        if row is not None:
-            rows.append(row)
+    rows = [_row(record) for record in load_records(sweep_dir)]
     if not rows:
         return pd.DataFrame(columns=list(FIXED_COLUMNS))
     df = pd.DataFrame(rows)

@@ -25,7 +25,7 @@ from typing import Any
 
 from sparsify import MissingPackageError, SparsifyError, atomic_write_text, load_env_file, redact
 from sweep import interrupt
-from sweep.space import LoadedSpace, load_search_space
+from sweep.space import SPACE_RECORD, LoadedSpace, SearchSpace, describe_strategy, load_search_space
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +72,22 @@ def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
         f"sweep {space.name}: {len(space.arms)} arms x {num_samples} trials; objectives "
         f"{', '.join(f'{o.metric} ({o.mode})' for o in space.objectives)}"
     )
+    baseline = space.baseline_arm()
+    if baseline is not None:
+        print(f"baseline (the verdict compares every other arm with it): {baseline}")
+    if space.seeds > 1:
+        print(f"each point trained {space.seeds} times (seeds)")
     for arm_name, arm in space.arms.items():
         searched = ", ".join(f"{p} ~ {d.type}" for p, d in arm.search.items()) or "nothing"
         print(f"\narm {arm_name}: searches {searched}")
+        first = loaded.trial_config(arm_name, loaded.corner_trials(arm_name)[0])
+        loss = ", ".join(f"{term} {'searched' if f'loss.{term}.coeff' in arm.search else f'{coeff:g}'}"
+                         for term, coeff in first.loss.coeffs().items())  # fmt: skip
+        print(f"  SAE positions: {', '.join(first.saes.sae_positions)}")
+        print(f"  loss: {loss}")
+        print(f"  {describe_strategy(space, arm_name)}")
+        if space.strategy == "match":
+            print("  configs at random draws (the real coefficients are chosen as trials finish):")
         shown_trials = min(num_samples, DRY_RUN_SHOWN)
         for i, params in enumerate(loaded.sample_trials(arm_name, shown_trials)):
             cfg = loaded.trial_config(arm_name, params)
@@ -163,8 +176,15 @@ def check_resources(loaded: LoadedSpace) -> None:
         )
 
 
-SPACE_RECORD = "search_space.json"
-"""The validated search space a sweep folder was started with (a rerun must match it)."""
+def _recorded_space(text: str) -> str | None:
+    """A recorded search space, re-validated so that fields added since it was written read as
+    their defaults (a sweep started by an older version resumes), as `check_same_space` compares it."""
+    try:
+        recorded = json.loads(text)
+        space = SearchSpace.model_validate(recorded["space"]).model_dump(mode="json")
+    except (ValueError, KeyError, TypeError):
+        return None
+    return json.dumps({"space": space, "base": recorded.get("base")}, sort_keys=True)
 
 
 def check_same_space(loaded: LoadedSpace, sweep_dir: Path) -> None:
@@ -173,7 +193,8 @@ def check_same_space(loaded: LoadedSpace, sweep_dir: Path) -> None:
     current = json.dumps({"space": loaded.space.model_dump(mode="json"), "base": loaded.base}, sort_keys=True)
     record = sweep_dir / SPACE_RECORD
     if record.exists():
-        if record.read_text() != current:
+        text = record.read_text()
+        if text != current and _recorded_space(text) != current:
             raise SparsifyError(
                 f"{loaded.source}: sweep folder {sweep_dir} holds a sweep of a different search space; "
                 "rename the sweep (name), pick another --storage, or delete that folder"
@@ -212,10 +233,12 @@ def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
         check_resources(loaded)
     from sparsify import prepare, quiet_library_progress_bars
     from sweep.report import build_report
+    from sweep.wandb_sweep import resolve_sae_positions
 
     start = time.perf_counter()
     quiet_library_progress_bars()
     models: dict[str, Any] = {}
+    resolve_sae_positions(loaded, models)  # a W&B sweep's reference run config: substring hook names
     checked: set[str] = set()
     for arm_name in loaded.space.arms:
         # the edges of the search: a searched n_ctx, hook or data size fails here, not in trial 37
@@ -275,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         num_samples = loaded.space.num_samples if args.num_samples is None else args.num_samples
         if num_samples < 1:
             raise SparsifyError(f"--num-samples: must be >= 1 (got {num_samples})")
+        if loaded.space.sampler == "grid" and num_samples > loaded.space.num_samples:
+            raise SparsifyError(
+                f"--num-samples: the grid has {loaded.space.num_samples} points per arm, each run "
+                f"once; ask for at most that many (got {num_samples})"
+            )
         try:
             sweep_dir = sweep_folder(args.storage or loaded.space.storage_path, loaded.space.name)
         except SparsifyError as exc:

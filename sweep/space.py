@@ -4,19 +4,21 @@ A search space names a base training config, one or more SAE types ("arms") each
 loss terms and searched parameters (dotted paths into the training config), the objectives,
 the trial budget per arm, the resources per trial, and where results are stored. Every arm's
 configs are validated as `TrainConfig`s before any trial starts, so a typo fails at load time.
+`load_search_space` also reads the reference library's W&B sweep files (`sweep.wandb_sweep`).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import math
 import random
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from sparsify import (
     SAFE_NAME,
@@ -29,6 +31,7 @@ from sparsify import (
     validate_model,
 )
 from sparsify import metric_names as names
+from sweep.baseline import baseline_arm
 
 
 class Distribution(StrictModel):
@@ -96,6 +99,10 @@ class Arm(StrictModel):
     least one: Optuna needs something to search; for repeats, search `seed`)."""
     initial_points: list[dict[str, Any]] = Field(default_factory=list)
     """Parameter sets tried first (each names every searched path), before the sampler's own."""
+    match_param: str = "loss.sparsity.coeff"
+    """With `strategy: match`, the searched parameter (dotted path, `loguniform` or `uniform`)
+    whose value the sampler aims at the targets: one the target metric moves monotonically with,
+    as L0 falls and the CE increase rises with the sparsity coefficient."""
 
     @model_validator(mode="after")
     def _set_and_search_apart(self) -> Arm:
@@ -167,6 +174,10 @@ class EarlyStopping(StrictModel):
         return metric
 
 
+MATCH_TARGET_METRICS = {"l0_targets": names.EVAL_L0, "ce_increase_targets": names.EVAL_CE_LOSS_INCREASE}
+"""The metric each target list of `strategy: match` names."""
+
+
 class SearchSpace(StrictModel):
     name: str = Field(pattern=SAFE_NAME)
     """Sweep name: the results folder is storage_path/name (rerun to resume). Letters, digits,
@@ -176,6 +187,14 @@ class SearchSpace(StrictModel):
     arms: dict[str, Arm] = Field(min_length=1)
     num_samples: int = Field(gt=0)
     """Trials per arm (each arm gets the same budget and its own Optuna study)."""
+    seeds: int = Field(default=1, ge=1)
+    """Replicates per point: each suggested point (one trial) is trained `seeds` times, one after
+    the other, with different seeds: replicate k (k = 0..seeds-1) uses the training config's
+    `seed` + k (SAE init) and `train_data.seed` + k (data order; the eval stream's seed skipped
+    when train and eval read the same data), so replicate 0 is the
+    configured run. The trial's metrics are the replicates' means and its `eval_se/<metric>` the
+    standard error across them; Optuna sees one value per point. Not with `early_stopping`
+    (ASHA would take the replicates' evals for one trial's steps)."""
     objectives: list[Objective] = Field(
         default_factory=lambda: [Objective(metric=m) for m in names.DEFAULT_OBJECTIVES], min_length=1
     )
@@ -185,11 +204,30 @@ class SearchSpace(StrictModel):
     (`s3://...`) is refused for now."""
     seed: Seed = 0
     """Seeds the Optuna samplers."""
-    sampler: Literal["tpe", "nsga2", "qmc", "random"] = "tpe"
+    sampler: Literal["tpe", "nsga2", "qmc", "random", "grid"] = "tpe"
     """Optuna sampler of every arm's study: `tpe` (multi-objective TPE; its first 10 trials are
     random), `nsga2` (genetic, for large budgets), `qmc` (quasi-random Sobol points that spread
-    evenly over the ranges: best for a handful of trials), `random`."""
+    evenly over the ranges: best for a handful of trials), `random`, `grid` (every combination
+    of the categorical values once: every searched parameter categorical, num_samples = the
+    grid size, no initial_points)."""
+    l0_targets: list[float] | None = None
+    """With `strategy: match`: the `eval/L0` values every arm aims its trials at (positive;
+    sorted and deduplicated on load)."""
+    ce_increase_targets: list[float] | None = None
+    """With `strategy: match`: the `eval/ce_loss_increase` values (nats/token) every arm aims its
+    trials at, instead of `l0_targets` (positive; sorted and deduplicated on load)."""
+    strategy: Literal["sample", "match"] = Field(default="sample", validate_default=True)
+    """How each arm's study proposes trials: `sample` (the `sampler` above), or `match`: aim every
+    arm's `match_param` (default `loss.sparsity.coeff`) at the targets of exactly one of
+    `l0_targets` / `ce_increase_targets`, so that all arms put trials at the same points
+    (`sweep.match.MatchSampler`; it relies on L0 falling and the CE increase rising monotonically
+    with the sparsity coefficient, roughly linearly in log-log). The target's metric must be an
+    objective; the arm's other searched parameters are sampled at random."""
     resources: Resources = Resources()
+    baseline: str | None = None
+    """The arm every other arm is compared with in the report's verdict; by default the one arm
+    whose loss has no logits_kl and no in_to_orig term (the local SAE), an error when that is
+    not exactly one arm (`sweep.baseline.baseline_arm`)."""
     early_stopping: EarlyStopping | None = None
     """Stop unpromising trials at their evals (ASHA); needs `eval_every_n_samples` in the
     training config, so that trials report before they end."""
@@ -220,6 +258,100 @@ class SearchSpace(StrictModel):
                 )
         return objectives
 
+    @model_validator(mode="after")
+    def _seeds_without_early_stopping(self) -> SearchSpace:
+        if self.seeds > 1 and self.early_stopping is not None:
+            raise ValueError(
+                f"seeds: {self.seeds} cannot be combined with early_stopping (ASHA would compare "
+                "a point's replicates as one trial's evals); use seeds: 1 or drop early_stopping"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _baseline_is_known(self) -> SearchSpace:
+        self.baseline_arm()
+        return self
+
+    def baseline_arm(self) -> str | None:
+        """The verdict's baseline arm (None with one arm). Raises ValueError if ambiguous."""
+        return baseline_arm(
+            {name: arm.loss for name, arm in self.arms.items()},
+            {name: list(arm.search) for name, arm in self.arms.items()},
+            self.baseline,
+            {name: arm.set for name, arm in self.arms.items()},
+        )
+
+    @field_validator("l0_targets", "ce_increase_targets")
+    @classmethod
+    def _targets_positive_sorted(cls, targets: list[float] | None) -> list[float] | None:
+        if targets is None:
+            return None
+        if not targets:
+            raise ValueError("needs at least one target")
+        if any(t <= 0 for t in targets):
+            raise ValueError("targets must be positive")
+        return sorted(set(targets))
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_has_its_targets(cls, strategy: str, info: ValidationInfo) -> str:
+        data = info.data
+        if not {"arms", "objectives", "l0_targets", "ce_increase_targets"} <= set(data):
+            return strategy  # one of them failed validation: that error is reported already
+        given = [field for field in MATCH_TARGET_METRICS if data[field] is not None]
+        if strategy != "match":
+            if given:
+                raise ValueError(f"{given[0]} needs `strategy: match`")
+            return strategy
+        if len(given) != 1:
+            got = "both are set" if given else "neither is set"
+            raise ValueError(f"match needs exactly one of l0_targets, ce_increase_targets; {got}")
+        metric = MATCH_TARGET_METRICS[given[0]]
+        if metric not in [o.metric for o in data["objectives"]]:
+            raise ValueError(f"match on {given[0]} needs {metric} among the objectives")
+        for arm_name, arm in data["arms"].items():
+            dist = arm.search.get(arm.match_param)
+            if dist is None or dist.type not in ("loguniform", "uniform"):
+                how = "it is not searched" if dist is None else f"it is searched as {dist.type}"
+                raise ValueError(
+                    f"match: arms.{arm_name} must search its match_param {arm.match_param} with "
+                    f"loguniform or uniform; {how}"
+                )
+        return strategy
+
+    @property
+    def match_targets(self) -> tuple[str, list[float]] | None:
+        """With `strategy: match`: the target metric and its targets; else None."""
+        if self.strategy != "match":
+            return None
+        for field, metric in MATCH_TARGET_METRICS.items():
+            targets = getattr(self, field)
+            if targets is not None:
+                return metric, list(targets)
+        return None
+
+    @model_validator(mode="after")
+    def _grid_is_a_grid(self) -> SearchSpace:
+        if self.sampler != "grid":
+            return self
+        for arm_name, arm in self.arms.items():
+            ranges = [path for path, dist in arm.search.items() if dist.type != "categorical"]
+            if ranges:
+                raise ValueError(
+                    f"sampler grid: arms.{arm_name} searches {', '.join(ranges)} over a range; "
+                    "a grid needs categorical values"
+                )
+            if arm.initial_points:
+                raise ValueError(
+                    f"sampler grid: arms.{arm_name}: initial_points are not allowed (the grid is every point)"
+                )
+            if grid_size(arm.search) != self.num_samples:
+                raise ValueError(
+                    f"sampler grid: num_samples must be the grid size, {grid_size(arm.search)} for "
+                    f"arms.{arm_name} (got {self.num_samples}; every arm's grid has the same size)"
+                )
+        return self
+
     @property
     def metrics(self) -> list[str]:
         return [o.metric for o in self.objectives]
@@ -227,6 +359,40 @@ class SearchSpace(StrictModel):
     @property
     def modes(self) -> list[str]:
         return [o.mode for o in self.objectives]
+
+
+SPACE_RECORD = "search_space.json"
+"""In a sweep folder: the validated search space it was started with, as JSON `{"space": ...,
+"base": ...}` (a rerun must match it; the report reads its arms and baseline)."""
+
+
+def describe_strategy(space: SearchSpace, arm_name: str) -> str:
+    """One line on how an arm's study proposes trials (for --dry-run, whose own sample trials
+    stay random draws whatever the strategy)."""
+    arm = space.arms[arm_name]
+    match = space.match_targets
+    if match is None:
+        return f"strategy sample: Optuna {space.sampler} sampler"
+    metric, targets = match
+    dist = arm.search[arm.match_param]
+    others = [p for p in arm.search if p != arm.match_param]
+    rest = f"; {', '.join(others)} at random" if others else ""
+    return (
+        f"strategy match: aims {arm.match_param} ({dist.type} {dist.low:g}..{dist.high:g}) at "
+        f"{metric} = {', '.join(f'{t:g}' for t in targets)}{rest}"
+    )
+
+
+def grid_points(search: dict[str, Distribution]) -> list[dict[str, Any]]:
+    """Every combination of the categorical values of `search` (`sampler: grid`), in order."""
+    paths = list(search)
+    combos = itertools.product(*(search[p].values or [] for p in paths))
+    return [dict(zip(paths, combo, strict=True)) for combo in combos]
+
+
+def grid_size(search: dict[str, Distribution]) -> int:
+    """How many points `grid_points` gives."""
+    return math.prod(len(dist.values or []) for dist in search.values())
 
 
 def set_dotted(tree: dict[str, Any], path: str, value: Any) -> None:
@@ -279,6 +445,8 @@ class LoadedSpace:
         random draws."""
         rng = random.Random(self.space.seed if seed is None else seed)
         arm = self.space.arms[arm_name]
+        if self.space.sampler == "grid":  # each point once, as the grid sampler runs them
+            return grid_points(arm.search)[:n]
         sampled = [{path: dist.sample(rng) for path, dist in arm.search.items()} for _ in range(n)]
         return (list(arm.initial_points) + sampled)[:n]
 
@@ -290,8 +458,12 @@ def load_search_space(path: str | Path) -> LoadedSpace:
     Raises:
         ConfigError: one line per problem, naming the file and field.
     """
+    from sweep.wandb_sweep import is_wandb_sweep, wandb_sweep_space
+
     path = Path(path)
     raw = read_yaml(path)
+    if is_wandb_sweep(raw):  # the reference library's W&B sweep file (docs/design.md §12)
+        return check_arms(wandb_sweep_space(path, raw))
     if "arms" not in raw and {"saes", "loss"} & set(raw):
         raise ConfigError(
             f"{path}: this is a training config, not a search space; train it with "
@@ -306,12 +478,20 @@ def load_search_space(path: str | Path) -> LoadedSpace:
             raise ConfigError(f"{path}: base_config: {exc}") from None
     else:
         base = dict(space.base_config)
-    loaded = LoadedSpace(space, base, str(path))
-    for arm_name, arm in space.arms.items():
+    return check_arms(LoadedSpace(space, base, str(path)))
+
+
+def check_arms(loaded: LoadedSpace) -> LoadedSpace:
+    """Validate every arm's config at the corners of its search, and its initial points.
+
+    Raises:
+        ConfigError: one line, naming the file and the arm.
+    """
+    for arm_name, arm in loaded.space.arms.items():
         low, *others = loaded.corner_trials(arm_name)
         if loaded.trial_config(arm_name, low).eval_data is None:
             raise ConfigError(
-                f"{path}: arms.{arm_name}: eval_data is null, but the objectives are eval metrics; "
+                f"{loaded.source}: arms.{arm_name}: eval_data is null, but the objectives are eval metrics; "
                 "give base_config an eval_data section"
             )
         for params in others:
@@ -319,5 +499,5 @@ def load_search_space(path: str | Path) -> LoadedSpace:
         try:
             arm.check_initial_points()
         except ValueError as exc:
-            raise ConfigError(f"{path}: arms.{arm_name}: {exc}") from None
+            raise ConfigError(f"{loaded.source}: arms.{arm_name}: {exc}") from None
     return loaded

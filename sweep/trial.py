@@ -13,10 +13,16 @@ Tune restarts when an interrupted sweep is resumed (same Train run name, same st
 that already wrote its record is not trained again. Divergence is an outcome, not a failure:
 it is never retried (it would diverge again); nor is a user error such as data too small for
 the trial's config (it would fail again).
+
+Replicates (`seeds: N`, docs/design.md §7, §11): one trial = one point = N trainings, one after
+the other, each its own `TorchTrainer.fit()` (Train run `replicate_run_name`) and SAE run
+folder (`replicate_sae_run_name`); each finished one leaves `replicate.json` in its Train run
+folder, so a restarted trial trains only the replicates that had not finished.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -42,10 +48,20 @@ from sparsify import (
     load_env_file,
     quiet_library_progress_bars,
     redact,
+    standard_error,
     train,
+    validate_config,
 )
 from sparsify import metric_names as names
-from sweep.records import DIVERGED, ERROR, FINISHED, TrialRecord, read_trial_record, write_trial_record
+from sweep.records import (
+    DIVERGED,
+    ERROR,
+    FINISHED,
+    TrialRecord,
+    load_record_json,
+    read_trial_record,
+    write_trial_record,
+)
 from sweep.space import LoadedSpace
 
 logger = logging.getLogger(__name__)
@@ -59,6 +75,22 @@ def trial_run_name(trial_id: str) -> str:
     same trial finds its checkpoints."""
     return f"train_{trial_id}"
 
+
+def replicate_run_name(trial_id: str, k: int) -> str:
+    """Ray Train run name of replicate `k` of a trial (`seeds: N`): replicate 0's is the
+    trial's own (`trial_run_name`), so a sweep keeps its Train runs whatever `seeds` is."""
+    return trial_run_name(trial_id) + (f"_seed{k}" if k else "")
+
+
+def replicate_sae_run_name(trial_id: str, k: int) -> str:
+    """SAE run folder name (`run_name`) of replicate `k`: the trial id for replicate 0."""
+    return trial_id + (f"_seed{k}" if k else "")
+
+
+REPLICATE_FILE = "replicate.json"
+"""In a replicate's Ray Train run folder: its outcome once it finished or diverged
+(`{"seed", "status", "metrics", "eval_per_sequence", "error", "wall_time_s"}`), reused by a
+restarted trial instead of training it again."""
 
 USER_ERROR_FILE = "user_error.txt"
 """In a trial's Ray Train run folder: the user error a DDP rank hit, so that the worker group
@@ -77,7 +109,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         The outcome, which Ray Train hands to the driver as rank 0's `Result.return_value`:
-        `{"status": FINISHED, "metrics": {...}}`, `{"status": DIVERGED, "error": "..."}`
+        `{"status": FINISHED, "metrics": {...}, "eval_per_sequence": {...}}` (the final eval's
+        per-sequence values, `TrainResult.eval_per_sequence`), `{"status": DIVERGED, "error": "..."}`
         or, for a user error (`SparsifyError`, not transient), `{"status": ERROR, ...}`
         (statuses from `sweep.records`): returned, not raised, because Ray Train retries what
         is raised, and neither would end differently on a retry (every rank diverges at the
@@ -123,7 +156,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             raise
         # the same config would fail the same way: end the trial now, one line, no retries
         return {"status": ERROR, "error": str(exc)}
-    return {"status": FINISHED, "metrics": result.metrics}
+    return {"status": FINISHED, "metrics": result.metrics, "eval_per_sequence": result.eval_per_sequence}
 
 
 @contextmanager
@@ -156,7 +189,8 @@ def _worker_message(error: BaseException) -> str:
 
 
 def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -> None:
-    """Tune function trainable: one trial = one `TorchTrainer.fit()`.
+    """Tune function trainable: one trial = one point = `seeds` trainings (one
+    `TorchTrainer.fit()` each; one with the default `seeds: 1`).
 
     Writes the trial record (`sweep.records`) when the trial finishes or diverges; errors
     propagate to Tune, whose `sweep.tuner.TrialRecordCallback` records them as they happen. A
@@ -164,6 +198,13 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
     seen end when a sweep resumes) reports that record again and trains nothing; any other
     record (`interrupted`: a Ctrl-C stopped it) does not stop it: it trains on from the Train
     run's last checkpoint, and its end replaces the record.
+
+    With `seeds: N > 1`, replicate k trains with seed + k and the k-th data seed (`replicate_config`); a replicate
+    that finished before the trial was restarted is not trained again (`REPLICATE_FILE`). Any
+    replicate diverging makes the point diverged (the later ones are not trained). The record's
+    metrics are the replicates' means, `eval_se/<eval metric>` their standard error across
+    seeds, `replicates` each one's outcome; Tune gets the means in one final report (only
+    replicate 0's intermediate evals are forwarded to it before).
     """
     start = time.perf_counter()
     arm = tune_config[ARM_KEY]
@@ -177,8 +218,161 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
         tune.report({**kept, "status": done.status})
         return
     cfg = space.trial_config(arm, params)
-    cfg = cfg.model_copy(update={"save_dir": str(sweep_runs_dir(Path(sweep_dir), arm)), "run_name": trial_id})
-    train_run_dir = Path(sweep_dir) / "ray_train" / trial_run_name(trial_id)
+    seeds = space.space.seeds
+    if seeds == 1:
+        outcome = _fit(space, sweep_dir, arm, trial_id, cfg, 0, forward_reports=True)
+        wall_time_s = time.perf_counter() - start
+        replicates: list[dict[str, Any]] = []
+    else:
+        outcomes = []
+        for k in range(seeds):
+            outcome = _replicate(space, sweep_dir, arm, trial_id, cfg, k)
+            outcomes.append(outcome)
+            if outcome["status"] == DIVERGED:
+                outcome = {**outcome, "error": f"seed {outcome['seed']}: {outcome['error']}"}
+                break
+        else:
+            outcome = {"status": FINISHED, "metrics": replicate_means(outcomes), "eval_per_sequence": {}}
+        wall_time_s = sum(o["wall_time_s"] for o in outcomes)
+        replicates = [
+            {key: o[key] for key in ("seed", "metrics", "eval_per_sequence", "wall_time_s")} for o in outcomes
+        ]
+    if outcome["status"] == DIVERGED:
+        record = TrialRecord(
+            arm=arm, trial_id=trial_id, status=DIVERGED, params=params, metrics={},
+            error=redact(outcome["error"]), wall_time_s=wall_time_s,
+        )  # fmt: skip
+        write_trial_record(sweep_dir, record)
+        tune.report({**nan_objectives, "status": DIVERGED})
+        return
+    metrics = {k: v for k, v in outcome["metrics"].items() if "/" in k}
+    record = TrialRecord(
+        arm=arm, trial_id=trial_id, status=FINISHED, params=params, metrics=metrics, error=None,
+        wall_time_s=wall_time_s, eval_per_sequence=outcome.get("eval_per_sequence") or {},
+        replicates=replicates,
+    )  # fmt: skip
+    write_trial_record(sweep_dir, record)
+    # Tune keeps only the last result; OptunaSearch reads the objectives from it
+    tune.report({**metrics, "status": FINISHED})
+
+
+def replicate_config(cfg: TrainConfig, k: int, source: str) -> TrainConfig:
+    """Replicate `k`'s config: `seed` + k and the k-th data seed after `train_data.seed`
+    (`cfg` itself for k = 0). When train and eval read the same split of the same data, the
+    eval seed is skipped: that shuffle is the held-out eval stream, so training on it would
+    train on the eval sequences (`e2e_gpt2.yaml` evaluates on its train split with seed 1).
+
+    Raises:
+        ConfigError: a seed beyond the allowed range.
+    """
+    if k == 0:
+        return cfg
+    tree = cfg.model_dump(mode="json")
+    tree["seed"] += k
+    train_data, eval_data = tree["train_data"], tree.get("eval_data")
+    same_stream = eval_data is not None and all(
+        train_data.get(key) == eval_data.get(key) for key in ("dataset_name", "files", "embedded", "split")
+    )
+    eval_seed = eval_data["seed"] if same_stream and eval_data is not None else None
+    data_seeds = [train_data["seed"]]
+    while len(data_seeds) <= k:
+        candidate = data_seeds[-1] + 1
+        if candidate == eval_seed:
+            candidate += 1
+        data_seeds.append(candidate)
+    train_data["seed"] = data_seeds[k]
+    return validate_config(tree, source=f"{source}: seeds")
+
+
+def replicate_means(outcomes: list[dict[str, Any]]) -> dict[str, float]:
+    """A point's metrics from its replicates' (`seeds: N`): the mean of each numeric metric over
+    the replicates that have it, and for each eval metric `eval_se/<name>` = sample std across
+    the replicates / sqrt(N) (NaN below 2), in place of each run's own standard error."""
+    by_name: dict[str, list[float]] = {}
+    for outcome in outcomes:
+        for name, value in outcome["metrics"].items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                by_name.setdefault(name, []).append(float(value))
+    means = {
+        name: math.fsum(values) / len(values)
+        for name, values in by_name.items()
+        if not name.startswith(f"{names.EVAL_SE}/")
+    }
+    for name, values in by_name.items():
+        if name.startswith(f"{names.EVAL}/"):
+            means[names.se_name(name)] = standard_error(values)
+    return means
+
+
+def _replicate(
+    space: LoadedSpace, sweep_dir: str, arm: str, trial_id: str, cfg: TrainConfig, k: int
+) -> dict[str, Any]:
+    """Replicate `k` of a `seeds: N` trial: its stored outcome when it ended before
+    (`REPLICATE_FILE`), else trained now and stored once it finished or diverged. Returns
+    `{"seed", "status", "metrics", "eval_per_sequence", "error", "wall_time_s"}`."""
+    seed = cfg.seed + k
+    stored_at = Path(sweep_dir) / "ray_train" / replicate_run_name(trial_id, k) / REPLICATE_FILE
+    stored = _read_replicate(stored_at, seed)
+    if stored is not None:
+        logger.info("trial %s: replicate %d (seed %d) already %s; not trained again", trial_id, k, seed,
+                    stored["status"])  # fmt: skip
+        return stored
+    start = time.perf_counter()
+    outcome = _fit(
+        space, sweep_dir, arm, trial_id, replicate_config(cfg, k, space.source), k, forward_reports=k == 0
+    )
+    replicate = {
+        "seed": seed,
+        "status": outcome["status"],
+        "metrics": {name: v for name, v in outcome.get("metrics", {}).items() if "/" in name},
+        "eval_per_sequence": outcome.get("eval_per_sequence") or {},
+        "error": redact(outcome["error"]) if outcome.get("error") else None,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    atomic_write_text(stored_at, json.dumps(replicate, sort_keys=True))
+    return replicate
+
+
+def _read_replicate(path: Path, seed: int) -> dict[str, Any] | None:
+    """A replicate's stored outcome, or None when it has none (or an unusable one: trained again)."""
+    stored = load_record_json(path, what="replicate file")
+    if stored is None:
+        return None
+    keys = {"seed", "status", "metrics", "eval_per_sequence", "error", "wall_time_s"}
+    if set(stored) != keys or stored["seed"] != seed:
+        logger.warning("ignoring replicate file %s: not this replicate's outcome", path)
+        return None
+    if stored["status"] not in (FINISHED, DIVERGED):
+        return None
+    return stored
+
+
+def _fit(
+    space: LoadedSpace,
+    sweep_dir: str,
+    arm: str,
+    trial_id: str,
+    cfg: TrainConfig,
+    k: int,
+    forward_reports: bool,
+) -> dict[str, Any]:
+    """Train replicate `k` of a trial (k = 0: the trial's only training with `seeds: 1`) in one
+    `TorchTrainer.fit()`; with `forward_reports`, its eval reports go to Tune as they come.
+
+    Returns:
+        The workers' outcome (`train_worker`), FINISHED or DIVERGED.
+
+    Raises:
+        TrialFailedError: the training failed (a user error, or crashes past `max_failures`).
+    """
+    cfg = cfg.model_copy(
+        update={
+            "save_dir": str(sweep_runs_dir(Path(sweep_dir), arm)),
+            "run_name": replicate_sae_run_name(trial_id, k),
+        }
+    )
+    train_name = replicate_run_name(trial_id, k)
+    train_run_dir = Path(sweep_dir) / "ray_train" / train_name
     user_error = train_run_dir / USER_ERROR_FILE
     user_error.unlink(missing_ok=True)  # from an earlier fit: the data may have been fixed since
     resources = space.space.resources
@@ -200,12 +394,12 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
             },
         ),
         run_config=RunConfig(
-            name=trial_run_name(trial_id),
+            name=train_name,
             storage_path=str(train_run_dir.parent),
             # a crashed or lost worker: restart the group from the last checkpoint
             failure_config=FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
-            callbacks=[EvalReportCallback()],
+            callbacks=[EvalReportCallback()] if forward_reports else [],
         ),
     )
     try:
@@ -217,22 +411,7 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
         raise TrialFailedError(f"the training workers returned no outcome (got {outcome!r})")
     if outcome["status"] == ERROR:
         raise TrialFailedError(redact(outcome["error"]))
-    if outcome["status"] == DIVERGED:
-        record = TrialRecord(
-            arm=arm, trial_id=trial_id, status=DIVERGED, params=params, metrics={},
-            error=redact(outcome["error"]), wall_time_s=time.perf_counter() - start,
-        )  # fmt: skip
-        write_trial_record(sweep_dir, record)
-        tune.report({**nan_objectives, "status": DIVERGED})
-        return
-    metrics = {k: v for k, v in outcome["metrics"].items() if "/" in k}
-    record = TrialRecord(
-        arm=arm, trial_id=trial_id, status=FINISHED, params=params, metrics=metrics,
-        error=None, wall_time_s=time.perf_counter() - start,
-    )  # fmt: skip
-    write_trial_record(sweep_dir, record)
-    # Tune keeps only the last result; OptunaSearch reads the objectives from it
-    tune.report({**metrics, "status": FINISHED})
+    return outcome
 
 
 class TrialFailedError(RuntimeError):

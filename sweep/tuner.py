@@ -27,6 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 from sparsify import SparsifyError, redact
 from sparsify import metric_names as names
 from sweep.interrupt import CTRL_C, relay_ctrl_c
+from sweep.match import match_sampler
 from sweep.progress import make_progress_callback
 from sweep.records import (
     DIVERGED,
@@ -59,8 +60,23 @@ def to_tune(dist: Distribution) -> Any:
     return tune.choice(list(dist.values or []))
 
 
-def optuna_sampler(name: str, seed: int) -> Any:
-    """The Optuna sampler a search space names, seeded."""
+class TuneGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, without its `study.stop()` once every point has run: that works
+    only inside `study.optimize`, and OptunaSearch tells trials outside it (the last one would
+    raise). Tune's `num_samples` (the grid size) ends the arm instead. Trial number k < the grid
+    size runs grid point k (of the seeded shuffle), so each point runs once."""
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        pass
+
+
+def optuna_sampler(name: str, seed: int, search: dict[str, Distribution] | None = None) -> Any:
+    """The Optuna sampler a search space names, seeded (`strategy: sample`; `strategy: match`
+    uses `sweep.match.match_sampler`); `grid` runs over the categorical values of `search`."""
+    if name == "grid":
+        return TuneGridSampler(
+            {path: list(dist.values or []) for path, dist in (search or {}).items()}, seed=seed
+        )
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
@@ -106,8 +122,12 @@ def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: 
         directions=["minimize" if m == "min" else "maximize" for m in space.modes],
     )
     study.set_metric_names(space.metrics)
+    if space.strategy == "match":  # aim the arm's trials at the targets (sweep/match.py)
+        sampler = match_sampler(space, arm_name)
+    else:
+        sampler = optuna_sampler(space.sampler, space.seed, space.arms[arm_name].search)
     searcher = FailNonFiniteOptunaSearch(
-        metric=space.metrics, mode=space.modes, sampler=optuna_sampler(space.sampler, space.seed),
+        metric=space.metrics, mode=space.modes, sampler=sampler,
         storage=storage, study_name=arm_name, points_to_evaluate=space.arms[arm_name].initial_points or None,
     )  # fmt: skip
     param_space = {ARM_KEY: arm_name, **{p: to_tune(d) for p, d in space.arms[arm_name].search.items()}}
@@ -255,7 +275,11 @@ class TrialRecordCallback(tune.Callback):
             error, metrics = trial_error_line(trial), {}
         else:
             error = STOPPED_BY_ASHA if status == STOPPED else INTERRUPTED_BY_USER
-            metrics = {k: v for k, v in trial.last_result.items() if k.startswith(f"{names.EVAL}/")}
+            metrics = {
+                k: v
+                for k, v in trial.last_result.items()
+                if k.startswith((f"{names.EVAL}/", f"{names.EVAL_SE}/"))
+            }
         record = TrialRecord(
             arm=self.arm, trial_id=trial.trial_id, status=status, params=params, metrics=metrics, error=error
         )

@@ -4,12 +4,15 @@ local text corpus. Nothing is downloaded."""
 from __future__ import annotations
 
 import os
-import random
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from tiny_model import build_tiny_llama, make_corpus, tiny_train_config
 
 from sparsify.metric_names import EVAL_CE_LOSS_INCREASE
 
@@ -18,24 +21,6 @@ os.environ.setdefault("SPARSIFY_CACHE", tempfile.mkdtemp(prefix="sparsify-test-c
 # tests never reach the model hub: a hub name fails at once instead of after ~45 s of retries
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-WORDS = (
-    "the state of the union is strong and our nation will meet every challenge with courage "
-    "congress shall work for the people of this country in peace and in war we stand together "
-    "freedom justice liberty commerce treaty army navy revenue tariff school road bridge river"
-).split()
-
-
-def make_corpus(folder: Path, n_docs: int = 40, words_per_doc: int = 400, seed: int = 0) -> list[Path]:
-    """Plain-text documents of random words, one per file."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n_docs):
-        path = folder / f"doc{i:03d}.txt"
-        path.write_text(" ".join(rng.choice(WORDS) for _ in range(words_per_doc)) + ".\n")
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture(scope="session")
@@ -48,37 +33,7 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved Hugging Face folder: 3-layer Llama, width 64, BPE tokenizer of ~300 tokens."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([" ".join(WORDS)] * 20, trainer)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    hf_tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(hf_tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")
@@ -97,28 +52,6 @@ def tiny_tokens(tiny_bridge):
 
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, tiny_bridge.cfg.d_vocab, (2, 12), generator=gen)
-
-
-def tiny_train_config(model_dir: Path, corpus: Path, tmp_path: Path, **overrides):
-    """A valid TrainConfig dict for the tiny model: e2e at blocks.1.hook_resid_pre."""
-    cfg = {
-        "model_name": str(model_dir),
-        "saes": {"sae_positions": ["blocks.1.hook_resid_pre"], "dict_size_to_input_ratio": 2.0},
-        "loss": {"sparsity": {"coeff": 0.5}, "logits_kl": {"coeff": 1.0}, "out_to_in": {"coeff": 0.0}},
-        "train_data": {"files": [str(corpus / "*.txt")], "split": "all", "n_ctx": 16, "seed": 0},
-        "eval_data": {"files": [str(corpus / "*.txt")], "split": "all", "n_ctx": 16, "seed": 1},
-        "n_samples": 64,
-        "batch_size": 8,
-        "lr": 3e-3,
-        "eval_n_samples": 16,
-        "act_frequency_n_tokens": 256,
-        "log_every_n_grad_steps": 2,
-        "save_dir": str(tmp_path / "runs"),
-        "tensorboard": False,
-    }
-    for key, value in overrides.items():
-        cfg[key] = value
-    return cfg
 
 
 def checkpointed_sweep_base(model_dir: Path, corpus: Path, tmp_path: Path) -> dict:
@@ -206,3 +139,26 @@ def asha_space(tmp_path: Path, name: str, model_dir: Path, corpus: Path, n_sampl
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space))
     return path
+
+
+@contextmanager
+def local_ray_with_worker_hook(hook: Any) -> Iterator[None]:
+    """A fresh local Ray (2 CPUs, no dashboard) whose worker processes run `hook` at start
+    (`worker_process_setup_hook`: e.g. to crash a worker or count attempts), set up as
+    `sweep.run.start_ray` would; shut down afterwards."""
+    import ray
+
+    from sweep.run import start_ray
+
+    ray.shutdown()
+    ray.init(
+        address="local",  # never some other Ray running here
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"worker_process_setup_hook": hook},
+    )
+    start_ray()  # already initialized: only sets the environment defaults
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -31,6 +31,9 @@ from sparsify.hooks import hook_to_key
 SAE_WEIGHTS = "sae.safetensors"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+EVAL_PER_SEQUENCE_FILE = "eval_per_sequence.json"
+"""In a finished run folder with eval data: the final eval's per-sequence values
+(`TrainResult.eval_per_sequence`: `{"eval/L0": [...], ...}`, in eval-stream order)."""
 
 
 def run_dir_for(save_dir: str | None, run_name: str | None, default_name: Callable[[], str]) -> Path | None:
@@ -90,12 +93,20 @@ def save_run(
     sae_state: dict[str, torch.Tensor],
     cfg: TrainConfig,
     metrics: dict[str, float],
+    eval_per_sequence: dict[str, list[float]] | None = None,
 ) -> None:
-    """Write (or overwrite) a run folder: weights, resolved config, metrics."""
+    """Write (or overwrite) a run folder: weights, resolved config, metrics, and the final
+    eval's per-sequence values (`EVAL_PER_SEQUENCE_FILE`) when given; without them an older
+    such file is removed, so it never describes other weights than those beside it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_sae_weights(run_dir / SAE_WEIGHTS, sae_state)
     atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(cfg))
     atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True))
+    per_sequence_file = run_dir / EVAL_PER_SEQUENCE_FILE
+    if eval_per_sequence is None:
+        per_sequence_file.unlink(missing_ok=True)
+    else:
+        atomic_write_text(per_sequence_file, json.dumps(eval_per_sequence, sort_keys=True))
 
 
 def load_sae_state(path: str | Path) -> dict[str, torch.Tensor]:

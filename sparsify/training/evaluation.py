@@ -1,5 +1,6 @@
-"""The held-out evaluation (docs/design.md §5): eval metrics, alive dictionary elements, and the
-DDP-aware running means both they and the train log use."""
+"""The held-out evaluation (docs/design.md §5): eval metrics with their standard errors and
+per-sequence values, alive dictionary elements, and the DDP-aware running means both the eval
+and the train log use."""
 
 from __future__ import annotations
 
@@ -95,18 +96,60 @@ def logit_metrics(
     tokens: Tensor, orig_logits: Tensor, sae_logits: Tensor, first: int = 0
 ) -> dict[str, float]:
     """CE of both models and the increase, KL, top-1 agreement and total variation, over
-    positions >= `first`."""
+    positions >= `first`: the means over the batch's sequences of `sequence_logit_metrics`."""
+    per_sequence = sequence_logit_metrics(tokens, orig_logits, sae_logits, first)
+    return {name: values.mean().item() for name, values in per_sequence.items()}
+
+
+def sequence_logit_metrics(
+    tokens: Tensor, orig_logits: Tensor, sae_logits: Tensor, first: int = 0
+) -> dict[str, Tensor]:
+    """`logit_metrics` of each sequence (float64, shape (batch,)): each the mean over the
+    sequence's positions >= `first`."""
     tokens, orig_logits, sae_logits = tokens[:, first:], orig_logits[:, first:], sae_logits[:, first:]
-    ce_orig = metrics.ce_loss(orig_logits, tokens)
-    ce_sae = metrics.ce_loss(sae_logits, tokens)
+    ce_orig = metrics.ce_loss_per_sequence(orig_logits, tokens)
+    ce_sae = metrics.ce_loss_per_sequence(sae_logits, tokens)
     return {
         names.CE_ORIG: ce_orig,
         names.CE_SAE: ce_sae,
         names.CE_LOSS_INCREASE: ce_sae - ce_orig,
-        names.KL: metrics.kl_divergence(orig_logits, sae_logits),
-        names.TOP1_AGREEMENT: metrics.top1_agreement(orig_logits, sae_logits),
-        names.TOTAL_VARIATION: metrics.total_variation(orig_logits, sae_logits),
+        names.KL: metrics.kl_divergence_per_sequence(orig_logits, sae_logits),
+        names.TOP1_AGREEMENT: metrics.top1_agreement_per_sequence(orig_logits, sae_logits),
+        names.TOTAL_VARIATION: metrics.total_variation_per_sequence(orig_logits, sae_logits),
     }
+
+
+def sequence_l0(out: ForwardOutput) -> dict[str, Tensor]:
+    """L0 of each sequence (float64, shape (batch,)) per SAE position, and summed over positions."""
+    per_hook = {
+        names.per_hook(names.L0, h): metrics.l0_per_sequence(a.codes) for h, a in out.sae_acts.items()
+    }
+    return {names.L0: torch.stack(list(per_hook.values())).sum(0), **per_hook}
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """One eval's values, by bare metric name (docs/design.md §5).
+
+    Attributes:
+        metrics: Each metric's mean over the eval sequences (weighted by sequences), and the
+            alive counts.
+        standard_errors: Each metric's standard error, except the alive counts (counts, not
+            means). For the metrics with per-sequence values (`per_sequence`): sample std
+            (ddof=1) of those values / sqrt(n sequences). For the others (explained variance,
+            frac zero, loss terms), whose values exist only per batch: the standard error of
+            the weighted mean of the per-batch values (`metrics.weighted_standard_error`,
+            weights = sequences per batch; it depends on how sequences are grouped into batches,
+            so under DDP it differs from one rank's). NaN from fewer than 2 values.
+        per_sequence: For `names.PER_SEQUENCE_METRICS` (and L0 per position): the value of
+            each eval sequence (the mean over its positions >= the first SAE position), in the
+            order of the eval stream whatever the number of ranks. With equal-length sequences
+            their mean is the metric's value in `metrics`.
+    """
+
+    metrics: dict[str, float]
+    standard_errors: dict[str, float]
+    per_sequence: dict[str, list[float]]
 
 
 @torch.no_grad()
@@ -117,19 +160,23 @@ def evaluate(
     plan: LossPlan,
     rank: int = 0,
     world_size: int = 1,
-) -> dict[str, float]:
-    """Eval metrics on the held-out stream, un-prefixed (docs/design.md §5).
+) -> EvalResult:
+    """Eval metrics on the held-out stream, un-prefixed, with their standard errors and the
+    per-sequence values they come from (`EvalResult`, docs/design.md §5).
 
     Over `eval_n_samples` sequences: CE of both models and the increase (nats/token), KL,
     top-1 agreement, total variation, L0, explained variance, and each configured loss term.
     Alive dictionary elements are counted over `act_frequency_n_tokens` tokens with a forward
-    that stops after the last SAE.
+    that stops after the last SAE. Collective under torch.distributed: every rank returns the
+    same result.
     """
     assert cfg.eval_data is not None
     device = model.model_device
     # eval always runs the original model, so the SAE forward can always resume from it
     eval_plan = dataclasses.replace(plan, stop_at_layer=None, resume_hook=model.resume_hook)
     acc = MeanAccumulator(device)
+    sequences: dict[str, list[float]] = defaultdict(list)  # this rank's, in its reading order
+    batches: list[tuple[dict[str, float], float]] = []  # this rank's per-batch values and weights
     for tokens in iter_batches(
         cfg.eval_data,
         tokenizer,
@@ -148,11 +195,47 @@ def evaluate(
         values.update(batch_sae_metrics(out))
         values.update(downstream_metrics(eval_plan, out, raw))
         assert raw.logits is not None and out.logits is not None  # eval runs to the logits
-        values.update(logit_metrics(tokens, raw.logits, out.logits, plan.first_position))
+        per_sequence = sequence_l0(out)
+        per_sequence.update(sequence_logit_metrics(tokens, raw.logits, out.logits, plan.first_position))
+        for name, per_seq in per_sequence.items():
+            sequences[name].extend(per_seq.tolist())
+            values[name] = per_seq.mean().item()  # (the batch's L0 too: the same mean, in float64)
         acc.add(values, weight=tokens.shape[0])
-    result = acc.means()
-    result.update(count_alive(model, cfg, tokenizer, rank, world_size))
-    return result
+        batches.append(({k: v for k, v in values.items() if k not in per_sequence}, tokens.shape[0]))
+    means = acc.means()
+    every_rank = _gather((dict(sequences), batches), world_size)
+    ordered = _in_stream_order([rank_sequences for rank_sequences, _ in every_rank])
+    all_batches = [batch for _, rank_batches in every_rank for batch in rank_batches]
+    standard_errors = {name: metrics.standard_error(values) for name, values in ordered.items()}
+    for name in sorted({name for values, _ in all_batches for name in values}):
+        weighted = [(values[name], weight) for values, weight in all_batches if name in values]
+        standard_errors[name] = metrics.weighted_standard_error(
+            [value for value, _ in weighted], [weight for _, weight in weighted]
+        )
+    means.update(count_alive(model, cfg, tokenizer, rank, world_size))
+    return EvalResult(metrics=means, standard_errors=standard_errors, per_sequence=ordered)
+
+
+def _gather(local: Any, world_size: int) -> list[Any]:
+    """`local` of every rank, by rank (collective under torch.distributed; else `[local]`)."""
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        every_rank: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every_rank, local)
+        return every_rank
+    return [local]
+
+
+def _in_stream_order(by_rank: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per-sequence values of every rank in the eval stream's order: rank r read sequences r,
+    r + world_size, ..., so the stream is rank 0's first, rank 1's first, ..., rank 0's second..."""
+    world_size = len(by_rank)
+    names_seen = sorted({name for rank_values in by_rank for name in rank_values})
+    ordered: dict[str, list[float]] = {}
+    for name in names_seen:
+        columns = [rank_values.get(name, []) for rank_values in by_rank]
+        n = sum(map(len, columns))
+        ordered[name] = [columns[i % world_size][i // world_size] for i in range(n)]
+    return ordered
 
 
 @torch.no_grad()

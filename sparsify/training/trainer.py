@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,13 @@ def _no_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
 class TrainResult:
     run_dir: Path | None
     metrics: dict[str, float]
-    """Final metrics, prefixed (`eval/L0`, `train/loss`, ...)."""
+    """Final metrics, prefixed (`eval/L0`, `train/loss`, ...), with the eval metrics' standard
+    errors (`eval_se/L0`, ...; docs/design.md §5)."""
     model: SAETransformer
+    eval_per_sequence: dict[str, list[float]] = field(default_factory=dict)
+    """The final eval's value of each eval sequence, in eval-stream order, for the metrics of
+    `metric_names.KEPT_PER_SEQUENCE` (`eval/L0`, `eval/ce_loss_increase`, `eval/kl`); empty
+    without `eval_data`. Also in the run folder's `eval_per_sequence.json`."""
 
 
 def train(
@@ -139,12 +144,13 @@ def train(
                 end_of_step(run, due, grad_norm, sae_metrics, progress)
         final, final_state = finish(run)
     tracker.close()
+    per_sequence = run.eval_per_sequence if cfg.eval_data is not None else None
     if run_dir is not None:
-        save_run(run_dir, model.saes.state_dict(), cfg, final)
+        save_run(run_dir, model.saes.state_dict(), cfg, final, per_sequence)
         save_final_state(run_dir, final_state)
         logger.info("saved SAEs, config and metrics to %s", run_dir)
     report(final, run_dir)
-    return TrainResult(run_dir=run_dir, metrics=final, model=model)
+    return TrainResult(run_dir=run_dir, metrics=final, model=model, eval_per_sequence=per_sequence or {})
 
 
 @dataclass
@@ -163,16 +169,22 @@ class TrainRun:
     rank: int
     world_size: int
     report: ReportFn
+    eval_per_sequence: dict[str, list[float]] = field(default_factory=dict)
+    """The latest eval's per-sequence values of `names.KEPT_PER_SEQUENCE` (prefixed `eval/`)."""
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def evaluate(self) -> dict[str, float]:
-        """Eval metrics, prefixed `eval/` (collective under torch.distributed)."""
+        """Eval metrics, prefixed `eval/`, and their standard errors (`eval_se/`); keeps the
+        per-sequence values in `eval_per_sequence` (collective under torch.distributed)."""
         tokenizer = self.model.tlens_model.tokenizer
-        values = evaluate(self.model, self.cfg, tokenizer, self.plan, self.rank, self.world_size)
-        return names.with_prefix(names.EVAL, values)
+        result = evaluate(self.model, self.cfg, tokenizer, self.plan, self.rank, self.world_size)
+        per_sequence = names.with_prefix(names.EVAL, result.per_sequence)
+        self.eval_per_sequence = {k: per_sequence[k] for k in names.KEPT_PER_SEQUENCE if k in per_sequence}
+        standard_errors = {names.se_name(k): v for k, v in result.standard_errors.items()}
+        return names.with_prefix(names.EVAL, result.metrics) | standard_errors
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The trainer's JSON part of a checkpoint (collective under torch.distributed)."""

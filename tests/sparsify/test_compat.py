@@ -85,12 +85,19 @@ def test_bad_reference_config_is_one_line_naming_the_file(tiny_model_dir, tmp_pa
     assert err.startswith(f"error: {path}") and message in err and "\n" not in err
 
 
-def test_raw_text_with_another_tokenizer_is_rejected(tiny_bridge, tiny_model_dir, tmp_path):
+def test_raw_text_with_another_tokenizer_uses_the_models_with_a_warning(
+    tiny_bridge, tiny_model_dir, tmp_path, caplog
+):
     cfg = reference_config(tiny_model_dir)
     cfg["train_data"] = {**cfg["train_data"], "is_tokenized": False, "tokenizer_name": "gpt2"}
     path = _write(tmp_path, cfg)
-    with pytest.raises(ConfigError, match=r"ref\.yaml: train_data\.tokenizer_name: raw text is tokenized"):
-        to_train_config(read_reference_config(path), list(tiny_bridge.hook_dict), str(path))
+    with caplog.at_level("WARNING", logger="sparsify.compat"):
+        train_config = to_train_config(read_reference_config(path), list(tiny_bridge.hook_dict), str(path))
+    assert train_config.train_data.is_tokenized is False
+    assert (
+        f"train_data.tokenizer_name: raw text is tokenized with the model's own tokenizer ({tiny_model_dir}), not 'gpt2'"
+        in caplog.text
+    )
 
 
 def test_transformerlens2_checkpoint_folder_is_rejected(tiny_bridge, tmp_path):

@@ -35,6 +35,16 @@ with half batches differ from 1 rank by 1-4% on the tiny model, as a different b
 would. It is still all-reduced: both ranks report the same value."""
 
 
+def batch_relative(key: str) -> bool:
+    """Explained variance (above), and the standard errors that come from per-batch values
+    (all but those of the per-sequence metrics, docs/design.md §5): 2 ranks have twice the
+    batches, each half as big."""
+    split, bare = key.split("/", 1)
+    if split == names.EVAL_SE and bare.split("/")[0] not in names.PER_SEQUENCE_METRICS:
+        return True
+    return bare.split("/")[0] in BATCH_RELATIVE
+
+
 def train_variants(rank: int, world_size: int, configs: dict[str, dict[str, Any]], out: Path) -> None:
     """Train each config in turn on this rank, saving its SAE weights, its final metrics, the
     training sequences this rank read and its initial decoder bias (both recorded by wrapping
@@ -67,6 +77,7 @@ def train_variants(rank: int, world_size: int, configs: dict[str, dict[str, Any]
             saved = {
                 "saes": {k: v.detach().clone() for k, v in result.model.saes.state_dict().items()},
                 "metrics": result.metrics,
+                "eval_per_sequence": result.eval_per_sequence,
                 "sequences": torch.cat(seen),
                 "init_bias": dict(init_bias),
             }
@@ -172,7 +183,7 @@ def test_two_ranks_train_the_same_sae_as_one_on_the_same_global_batch(variant, r
         if key == names.prefixed(names.TRAIN, names.TOKENS_PER_S):
             continue  # each rank times itself
         assert rank1["metrics"][key] == pytest.approx(rank0["metrics"][key], rel=1e-12, abs=1e-12), key
-        if key.split("/")[1] not in BATCH_RELATIVE:
+        if not batch_relative(key):
             assert rank0["metrics"][key] == pytest.approx(value, rel=METRIC_RTOL, abs=METRIC_ATOL), key
     assert rank0["metrics"][names.prefixed(names.TRAIN, names.TOKENS_SEEN)] == cfg["n_samples"] * 16
     assert rank0["metrics"][names.EVAL_L0] > 0
@@ -209,6 +220,16 @@ def test_eval_over_counts_that_do_not_split_evenly_reads_the_same_sequences(runs
             single["metrics"][key], rel=METRIC_RTOL, abs=METRIC_ATOL
         ), key
         assert rank1["metrics"][key] == rank0["metrics"][key], key
+    # the per-sequence values, gathered from both ranks, in the eval stream's order
+    assert rank0["eval_per_sequence"] == rank1["eval_per_sequence"]
+    assert (
+        rank0["eval_per_sequence"].keys()
+        == single["eval_per_sequence"].keys()
+        == set(names.KEPT_PER_SEQUENCE)
+    )
+    for key, values in single["eval_per_sequence"].items():
+        assert len(values) == VARIANTS[variant]["eval_n_samples"]
+        assert rank0["eval_per_sequence"][key] == pytest.approx(values, rel=METRIC_RTOL, abs=METRIC_ATOL), key
 
 
 def test_train_window_averages_over_ranks_and_a_rank_that_diverges_stops_both(runs):

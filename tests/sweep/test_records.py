@@ -98,6 +98,60 @@ def test_a_record_written_before_trial_record_existed_still_loads(tmp_path):
     assert loaded is not None and loaded.to_json() == old
 
 
+def test_a_record_with_per_sequence_values_and_replicates_round_trips(tmp_path):
+    per_sequence = {EVAL_L0: [11.0, 13.5], EVAL_CE_LOSS_INCREASE: [0.25, 0.5], "eval/kl": [0.1, 0.2]}
+    single = TrialRecord(
+        arm="e2e", trial_id="e2e_00001", status=FINISHED, params={"lr": 0.01},
+        metrics={EVAL_L0: 12.25, "eval_se/L0": 1.25}, wall_time_s=3.5, eval_per_sequence=per_sequence,
+    )  # fmt: skip
+    replicated = TrialRecord(
+        arm="e2e", trial_id="e2e_00002", status=FINISHED, params={"lr": 0.01},
+        metrics={EVAL_L0: 12.5, "eval_se/L0": 0.5}, wall_time_s=7.0,
+        replicates=[
+            {"seed": 0, "metrics": {EVAL_L0: 12.0}, "eval_per_sequence": per_sequence, "wall_time_s": 3.5},
+            {"seed": 1, "metrics": {EVAL_L0: 13.0}, "eval_per_sequence": {}, "wall_time_s": 3.5},
+        ],
+    )  # fmt: skip
+    for rec in (single, replicated):
+        path = write_trial_record(tmp_path, rec)
+        assert read_trial_record(tmp_path, rec.arm, rec.trial_id) == rec
+        assert TrialRecord.from_json(json.loads(path.read_text())) == rec
+    stored = json.loads(trial_record_path(tmp_path, "e2e", "e2e_00001").read_text())
+    assert stored["eval_per_sequence"] == per_sequence and "replicates" not in stored  # empty: not written
+    stored = json.loads(trial_record_path(tmp_path, "e2e", "e2e_00002").read_text())
+    assert [r["seed"] for r in stored["replicates"]] == [0, 1] and "eval_per_sequence" not in stored
+    # an older record has neither key: both read as empty
+    old = record("local", "local_00001")
+    assert "replicates" not in old and "eval_per_sequence" not in old
+    loaded = TrialRecord.from_json(old)
+    assert loaded.eval_per_sequence == {} and loaded.replicates == []
+    assert TrialRecord.from_json({**old, "eval_per_sequence": None, "replicates": None}) == loaded
+    # a replicate without wall time or per-sequence values reads with them empty
+    short = TrialRecord.from_json({**old, "replicates": [{"seed": 3, "metrics": {}}]})
+    assert short.replicates == [{"seed": 3, "metrics": {}, "eval_per_sequence": {}, "wall_time_s": None}]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"eval_per_sequence": [1.0]}, "eval_per_sequence must be an object"),
+        ({"eval_per_sequence": {EVAL_L0: [1.0, "x"]}}, "must be a list of numbers"),
+        ({"eval_per_sequence": {EVAL_L0: 1.0}}, "must be a list of numbers"),
+        ({"replicates": {"seed": 0}}, "replicates must be a list"),
+        ({"replicates": [7]}, r"replicates\[0\] must be an object"),
+        ({"replicates": [{"seed": "0", "metrics": {}}]}, "seed must be an integer"),
+        ({"replicates": [{"seed": True, "metrics": {}}]}, "seed must be an integer"),
+        ({"replicates": [{"seed": 0}]}, "metrics must be an object"),
+        ({"replicates": [{"seed": 0, "metrics": {}, "wall_time_s": "1 s"}]}, "wall_time_s"),
+        ({"replicates": [{"seed": 0, "metrics": {}, "color": 1}]}, "unknown keys color"),
+        ({"replicates": [{"seed": 0, "metrics": {}, "eval_per_sequence": {"a": [None]}}]}, "list of numbers"),
+    ],
+)
+def test_invalid_per_sequence_values_and_replicates_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrialRecord.from_json({**record("local", "x"), **change})
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

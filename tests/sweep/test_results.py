@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from sparsify.metric_names import EVAL_ALIVE, EVAL_CE_LOSS_INCREASE, EVAL_L0
-from sweep.records import read_trial_record, write_trial_record
-from sweep.results import finished, load_results
+from sweep.records import TrialRecord, read_trial_record, write_trial_record
+from sweep.results import finished, load_records, load_results
 
 
 def record(arm, trial_id, status="finished", l0=10.0, ce=0.2, coeff=1.0, **metrics):
@@ -42,7 +42,7 @@ def test_load_gives_one_sorted_row_per_readable_record(sweep_dir, caplog):
         df = load_results(sweep_dir)
     assert df["trial_id"].tolist() == ["e2e_00000", "local_00000", "local_00001"]
     assert list(df.columns) == [
-        "arm", "trial_id", "status", "error", "wall_time_s",
+        "arm", "trial_id", "status", "error", "wall_time_s", "n_seeds",
         EVAL_L0, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE, "param:loss.sparsity.coeff",  # metrics sorted by name
     ]  # fmt: skip
     assert df["arm"].tolist() == ["e2e", "local", "local"]
@@ -71,10 +71,44 @@ def test_finished_keeps_finished_trials_with_finite_objectives(sweep_dir):
 def test_empty_sweep_gives_empty_table_with_fixed_columns(tmp_path):
     df = load_results(tmp_path)
     assert df.empty
-    assert list(df.columns) == ["arm", "trial_id", "status", "error", "wall_time_s"]
+    assert list(df.columns) == ["arm", "trial_id", "status", "error", "wall_time_s", "n_seeds"]
+    assert load_records(tmp_path) == []
     assert finished(df).empty
 
 
 def test_missing_sweep_folder_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         load_results(tmp_path / "nope")
+
+
+def test_load_records_reads_them_whole_and_the_table_counts_seeds(sweep_dir, caplog):
+    replicated = record("e2e", "e2e_00002", l0=5.0, ce=0.15)
+    replicated["replicates"] = [
+        {
+            "seed": 0,
+            "metrics": {EVAL_L0: 4.0},
+            "eval_per_sequence": {EVAL_L0: [3.0, 5.0]},
+            "wall_time_s": 2.0,
+        },
+        {
+            "seed": 1,
+            "metrics": {EVAL_L0: 6.0},
+            "eval_per_sequence": {EVAL_L0: [6.0, 6.0]},
+            "wall_time_s": 3.0,
+        },
+    ]
+    write_trial_record(sweep_dir, replicated)
+    with caplog.at_level(logging.WARNING, logger="sweep"):
+        records = load_records(sweep_dir)
+    # the same records as the table, skipping the same files
+    assert [(r.arm, r.trial_id) for r in records] == [
+        ("e2e", "e2e_00000"), ("e2e", "e2e_00002"), ("local", "local_00000"), ("local", "local_00001")
+    ]  # fmt: skip
+    assert all(isinstance(r, TrialRecord) for r in records)
+    assert "local_00003.json" in caplog.text and "local_00002" not in caplog.text
+    assert [rep["seed"] for rep in records[1].replicates] == [0, 1]
+    assert records[1].replicates[1]["eval_per_sequence"] == {EVAL_L0: [6.0, 6.0]}
+    df = load_results(sweep_dir)
+    assert df.set_index("trial_id")["n_seeds"].to_dict() == {
+        "e2e_00000": 1, "e2e_00002": 2, "local_00000": 1, "local_00001": 1
+    }  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import checkpointed_sweep_base, make_corpus
+from conftest import checkpointed_sweep_base, local_ray_with_worker_hook, make_corpus
 from safetensors.torch import load_file
 
 import sweep.tuner
@@ -65,22 +65,10 @@ def crash_hook(marker: Path, attempts_log: Path):
 
 @pytest.fixture(scope="module")
 def crashing_ray(tmp_path_factory):
-    import ray
-
-    from sweep.run import start_ray
-
     folder = tmp_path_factory.mktemp("crash")
     marker, attempts = folder / "crashed", folder / "attempts.log"
-    ray.shutdown()
-    ray.init(
-        address="local",  # never some other Ray running here
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"worker_process_setup_hook": crash_hook(marker, attempts)},
-    )
-    start_ray()  # already initialized: only sets the environment defaults
-    yield marker, attempts
-    ray.shutdown()
+    with local_ray_with_worker_hook(crash_hook(marker, attempts)):
+        yield marker, attempts
 
 
 def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_or_bad_trial_is_not_retried(
@@ -101,6 +89,7 @@ def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_or_bad_trial_is
         "storage_path": str(tmp_path / "sweeps"),
         "num_samples": 1,
         "resources": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 2},
+        "baseline": "local",  # three arms without logits_kl: the verdict's baseline must be named
         "base_config": base,
         "arms": {
             "local": {"loss": LOCAL, "search": ONE_COEFF},
@@ -153,6 +142,20 @@ def test_crashed_worker_resumes_from_its_checkpoint_and_diverged_or_bad_trial_is
     trained = load_file(str(sweep_dir / "runs" / "local" / local["trial_id"] / SAE_WEIGHTS))
     for key, value in here.model.saes.state_dict().items():
         torch.testing.assert_close(trained[key], value, rtol=1e-6, atol=1e-7)
+    # the record keeps the final eval's per-sequence values (seeds: 1: no replicates)
+    record = read_trial_record(sweep_dir, "local", local["trial_id"])
+    assert record is not None and record.replicates == [] and local["n_seeds"] == 1
+    assert (
+        set(record.eval_per_sequence)
+        == set(here.eval_per_sequence)
+        == {"eval/L0", "eval/ce_loss_increase", "eval/kl"}
+    )
+    for key, values in here.eval_per_sequence.items():
+        assert len(values) == cfg.eval_n_samples
+        assert record.eval_per_sequence[key] == pytest.approx(values, rel=1e-6, abs=1e-9), key
+    assert "eval_se/L0" in here.metrics and local["eval_se/L0"] == pytest.approx(
+        here.metrics["eval_se/L0"], rel=1e-6
+    )
     weight_diff = max(float((trained[k] - v).abs().max()) for k, v in here.model.saes.state_dict().items())
     metric_diff = max(abs(local[k] - here.metrics[k]) for k in set(here.metrics) - TIMING)
     print(
