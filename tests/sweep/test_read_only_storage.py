@@ -111,7 +111,7 @@ def test_report_of_a_read_only_sweep_is_written_where_out_says(space_yaml, tmp_p
         assert report_main([str(ro / folder.name), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out / "report.md")
     names = {p.name for p in out.iterdir()}
-    assert names == {"report.md", "trials.csv", "frontier_local.csv", "frontier_e2e.csv",
+    assert names == {"report.md", "verdict.json", "trials.csv", "frontier_local.csv", "frontier_e2e.csv",
                      "frontier_l0.png", "frontier_alive.png"}  # fmt: skip
     assert "| e2e_00001 |" in (out / "report.md").read_text()
     assert not (folder / "report").exists()
