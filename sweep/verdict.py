@@ -345,7 +345,8 @@ def verdict_text(result: Comparison) -> str:
     if alive is not None and alive.stable:
         sentences.append(
             f"at a CE-loss increase of {alive.at:.3g} it uses {_ratio_phrase(alive, 'alive dictionary elements')} "
-            f"({alive.arm_value:.3g} vs {alive.baseline_value:.3g})"
+            f"({alive.arm_value:.3g} vs {alive.baseline_value:.3g}"
+            + ("; the interval includes no difference)" if alive.includes_no_difference else ")")
         )
     body = "; ".join(sentences)
     if body:

@@ -70,6 +70,31 @@ def test_overlapping_frontiers_give_the_verdict_sentence_with_numbers():
     assert result.text.startswith("**e2e vs local: conclusive.**")
     # the alive view: baseline alive = 200 + L0, arm 80 + L0 at the same CE increase
     assert result.estimates[ALIVE_RATIO].value > 1
+    alive = result.estimates[ALIVE_RATIO]
+    assert (
+        f"fewer alive dictionary elements ({alive.arm_value:.3g} vs {alive.baseline_value:.3g})."
+        in result.text
+    )
+
+
+def test_an_alive_ratio_whose_interval_includes_one_says_so_without_spoiling_the_verdict():
+    rng = np.random.default_rng(7)
+    base = _points(np.geomspace(10, 100, 6), 1.0, rng, n_seq=256)
+    arm = _points(np.geomspace(5, 50, 6), RATIO, rng, n_seq=256)
+    for points in (base, arm):  # alive the same function of CE increase on both sides: ratio 1
+        points[:] = [
+            Point(
+                p.trial_id,
+                tuple(
+                    Replicate(r.l0, r.ce_increase, 300 * math.exp(-r.ce_increase.mean()))
+                    for r in p.replicates
+                ),
+            )
+            for p in points
+        ]
+    result = compare("e2e", "local", arm, base, n_bootstrap=300)
+    assert result.estimates[ALIVE_RATIO].includes_no_difference and result.status == "conclusive"
+    assert "; the interval includes no difference)." in result.text
 
 
 def test_a_worse_arm_is_described_with_more_and_higher():
