@@ -241,14 +241,24 @@ def _default_name(positions: list[str], loss: dict[str, Any], ref: ReferenceConf
     return f"{'+'.join(p.replace('.', '-') for p in positions)}_ratio{ref.saes.dict_size_to_input_ratio:g}_lr{ref.lr:g}_{coeffs}"
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a warning once per process: a sweep maps the same reference config for every trial."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
+
+
 def _data(data: RefData, model_name: str, section: str, default_seed: int) -> dict[str, Any]:
     if not data.is_tokenized and data.tokenizer_name != model_name:
         # the reference tokenizes with `tokenizer_name`; we always use the model's own, which is
         # the same vocabulary in the reference's configs (TinyStories models: GPT-2's)
-        logger.warning(
-            "%s.tokenizer_name: raw text is tokenized with the model's own tokenizer (%s), not %r",
-            section, model_name, data.tokenizer_name,
-        )  # fmt: skip
+        _warn_once(
+            f"{section}.tokenizer_name: raw text is tokenized with the model's own tokenizer "
+            f"({model_name}), not {data.tokenizer_name!r}"
+        )
     return {
         "dataset_name": data.dataset_name,
         "is_tokenized": data.is_tokenized,

@@ -294,12 +294,18 @@ def _load(sweep_dir: Path, baseline: str | None = None) -> _Results:
     )
 
 
+def _max_train_tokens(done: pd.DataFrame) -> float | None:
+    """The most training tokens any finished trial's SAEs saw, or None when not recorded."""
+    if TRAIN_TOKENS not in done.columns or done.empty:
+        return None
+    tokens = float(pd.to_numeric(done[TRAIN_TOKENS], errors="coerce").max())
+    return tokens if math.isfinite(tokens) and tokens > 0 else None
+
+
 def _toy_scale_note(done: pd.DataFrame) -> str:
     """A plain warning when the SAEs trained on too few tokens for the verdict to mean much."""
-    if TRAIN_TOKENS not in done.columns or done.empty:
-        return ""
-    tokens = pd.to_numeric(done[TRAIN_TOKENS], errors="coerce").max()
-    if not tokens or not math.isfinite(tokens) or tokens >= TOY_SCALE_TOKENS:
+    tokens = _max_train_tokens(done)
+    if tokens is None or tokens >= TOY_SCALE_TOKENS:
         return ""
     ce = pd.to_numeric(done[EVAL_CE_LOSS_INCREASE], errors="coerce")
     return (
@@ -323,9 +329,12 @@ def _verdict_section(results: _Results) -> str:
 
 def verdict_json(results: _Results) -> dict[str, Any]:
     """The verdict's numbers, as written to `verdict.json`."""
+    tokens = _max_train_tokens(results.done)
     return {
         "baseline": results.baseline,
         "baseline_note": results.baseline_note,
+        "toy_scale": tokens is not None and tokens < TOY_SCALE_TOKENS,
+        "max_train_tokens_per_sae": tokens,
         "method": METHOD,
         "comparisons": [c.to_json() for c in results.comparisons],
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -86,10 +87,17 @@ def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
         print(f"  SAE positions: {', '.join(first.saes.sae_positions)}")
         print(f"  loss: {loss}")
         print(f"  {describe_strategy(space, arm_name)}")
-        if space.strategy == "match":
-            print("  configs at random draws (the real coefficients are chosen as trials finish):")
         shown_trials = min(num_samples, DRY_RUN_SHOWN)
-        for i, params in enumerate(loaded.sample_trials(arm_name, shown_trials)):
+        trials = loaded.sample_trials(arm_name, shown_trials)
+        if space.strategy == "match":
+            # the real coefficients are chosen as trials finish: show what runs before that
+            shown_trials = min(num_samples, len(arm.initial_points) + 1)
+            trials = [
+                *arm.initial_points,
+                {**trials[-1], arm.match_param: _mid_range(arm.search[arm.match_param])},
+            ]
+            trials = trials[:shown_trials]
+        for i, params in enumerate(trials):
             cfg = loaded.trial_config(arm_name, params)
             shown = ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
@@ -100,7 +108,15 @@ def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
                 f"| {cfg.n_samples} samples x {cfg.train_data.n_ctx} tokens | model {cfg.model_name}"
             )
         if num_samples > shown_trials:
-            print(f"  ... and {num_samples - shown_trials} more")
+            more = "more, each aimed at the emptiest target" if space.strategy == "match" else "more"
+            print(f"  ... and {num_samples - shown_trials} {more}")
+
+
+def _mid_range(dist: Any) -> float:
+    """Where `strategy: match` starts without initial points: the middle of the range (geometric
+    for loguniform), as `sweep.match.propose` does with no trial."""
+    low, high = float(dist.low), float(dist.high)
+    return math.sqrt(low * high) if dist.type == "loguniform" else (low + high) / 2
 
 
 def on_cluster() -> bool:

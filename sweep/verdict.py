@@ -92,6 +92,10 @@ class Comparison:
     """Why a quantity could not be stated (no overlap, interval includes no difference)."""
     next_steps: list[str] = field(default_factory=list)
     text: str = ""
+    n_points: tuple[int, int] = (0, 0)
+    """Finished points of the baseline and of the arm."""
+    max_seeds: int = 1
+    """The most replicates (seeds) any of those points has."""
 
     @property
     def conclusive(self) -> bool:
@@ -115,11 +119,29 @@ class Comparison:
             "status": self.status,
             "conclusive": self.conclusive,
             "verdict": self.text,
-            "estimates": {name: asdict(est) for name, est in self.estimates.items()},
+            "points": {self.baseline: self.n_points[0], self.arm: self.n_points[1]},
+            "max_seeds_per_point": self.max_seeds,
+            "estimates": {name: {**asdict(est), **MEANING[name]} for name, est in self.estimates.items()},
             "problems": self.problems,
             "next_steps": self.next_steps,
         }
 
+
+MEANING = {
+    L0_RATIO: {
+        "value_is": "baseline L0 / arm L0; > 1: the arm needs fewer",
+        "at_axis": "eval/ce_loss_increase (nats/token)",
+    },
+    CE_DIFFERENCE: {
+        "value_is": "baseline - arm CE-loss increase (nats/token); > 0: the arm's is lower",
+        "at_axis": "eval/L0",
+    },
+    ALIVE_RATIO: {
+        "value_is": "baseline alive / arm alive; > 1: the arm uses fewer",
+        "at_axis": "eval/ce_loss_increase (nats/token)",
+    },
+}
+"""How to read each estimate in `verdict.json`."""
 
 Statistic = Callable[[np.ndarray, np.ndarray], float]
 """(baseline points, arm points), each shape (n_points, 3) -> one matched quantity."""
@@ -201,7 +223,8 @@ def compare(
     Returns:
         The comparison; `text` is its verdict paragraph.
     """
-    result = Comparison(arm=arm, baseline=baseline)
+    result = Comparison(arm=arm, baseline=baseline, n_points=(len(baseline_points), len(arm_points)))
+    result.max_seeds = max((len(p.replicates) for p in [*baseline_points, *arm_points]), default=1)
     if not arm_points or not baseline_points:
         missing = arm if not arm_points else baseline
         result.problems.append(f"{missing} has no finished trial")
@@ -351,7 +374,11 @@ def verdict_text(result: Comparison) -> str:
     body = "; ".join(sentences)
     if body:
         body = body[0].upper() + body[1:] + "."
-    head = f"**{arm} vs {baseline}: {result.status}.**"
+    seeds = "1 seed each" if result.max_seeds == 1 else f"up to {result.max_seeds} seeds each"
+    head = (
+        f"**{arm} vs {baseline}: {result.status}** ({result.n_points[1]} and {result.n_points[0]} finished "
+        f"points, {seeds})."
+    )
     parts = [head, body]
     if result.problems:
         parts.append(

@@ -86,8 +86,11 @@ def test_bad_reference_config_is_one_line_naming_the_file(tiny_model_dir, tmp_pa
 
 
 def test_raw_text_with_another_tokenizer_uses_the_models_with_a_warning(
-    tiny_bridge, tiny_model_dir, tmp_path, caplog
+    tiny_bridge, tiny_model_dir, tmp_path, caplog, monkeypatch
 ):
+    import sparsify.compat
+
+    monkeypatch.setattr(sparsify.compat, "_WARNED", set())  # warned once per process: not yet here
     cfg = reference_config(tiny_model_dir)
     cfg["train_data"] = {**cfg["train_data"], "is_tokenized": False, "tokenizer_name": "gpt2"}
     path = _write(tmp_path, cfg)

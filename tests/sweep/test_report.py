@@ -153,6 +153,8 @@ def test_report_says_plainly_when_the_run_is_toy_scale(tmp_path, no_plots):
     text = report_text(tmp_path)
     assert "**Toy-scale run.** Each SAE trained on at most 8,192 tokens" in text
     assert "CE-loss increases (1.5-1.6 nats/token)" in text and "search_spaces/e2e_gpt2.yaml" in text
+    stored = json.loads((build_report(tmp_path).parent / "verdict.json").read_text())
+    assert stored["toy_scale"] is True and stored["max_train_tokens_per_sae"] == 8192
     big = {EVAL_L0: 5.0, EVAL_CE_LOSS_INCREASE: 0.1, "train/tokens_seen": 400_000 * 1024}
     for arm, trial_id in [("local", "l0"), ("e2e", "e0")]:
         write_trial_record(tmp_path, {"arm": arm, "trial_id": trial_id, "status": "finished", "metrics": big})
@@ -181,7 +183,10 @@ def test_report_says_when_frontiers_do_not_overlap(tmp_path, no_plots):
     record_space(tmp_path)
     text = build_report(tmp_path).read_text()
     assert "The two frontiers' CE loss increase ranges do not overlap." in text
-    assert "**e2e vs local: inconclusive.**" in text and "the frontiers share no CE-loss increase" in text
+    assert (
+        "**e2e vs local: inconclusive** (1 and 1 finished points" in text
+        and "the frontiers share no CE-loss increase" in text
+    )
 
 
 def test_report_on_folder_without_trials_raises(tmp_path):

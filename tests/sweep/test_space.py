@@ -48,9 +48,17 @@ def test_shipped_search_spaces_expand_into_valid_trials(path):
 def test_dry_run_prints_every_arm(path, capsys):
     assert run_main([str(path), "--dry-run", "--num-samples", "2"]) == 0
     out = capsys.readouterr().out
-    for arm in load_search_space(path).space.arms:
+    space = load_search_space(path).space
+    for arm in space.arms:
         assert f"arm {arm}:" in out
-    assert out.count("trial 1:") == len(load_search_space(path).space.arms)
+    if space.strategy == "match":  # the first trial mid-range, then trials aimed at the targets
+        assert out.count("trial 0:") == len(space.arms) and "trial 1:" not in out
+        assert out.count("... and 1 more, each aimed at the emptiest target") == len(space.arms)
+        assert out.count(f"at eval/L0 = {', '.join(f'{t:g}' for t in space.l0_targets or [])}") == len(
+            space.arms
+        )
+    else:
+        assert out.count("trial 1:") == len(space.arms)
 
 
 def test_arm_settings_and_params_land_in_the_trial_config(tmp_path):

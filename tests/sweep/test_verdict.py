@@ -67,7 +67,12 @@ def test_overlapping_frontiers_give_the_verdict_sentence_with_numbers():
     )
     assert "fewer active dictionary elements per token than local" in result.text
     assert "nats/token lower" in result.text
-    assert result.text.startswith("**e2e vs local: conclusive.**")
+    assert result.text.startswith("**e2e vs local: conclusive** (6 and 6 finished points, 1 seed each).")
+    meaning = result.to_json()["estimates"][L0_RATIO]
+    assert meaning["at_axis"] == "eval/ce_loss_increase (nats/token)" and meaning["value_is"].startswith(
+        "baseline L0 / arm L0"
+    )
+    assert result.to_json()["points"] == {"local": 6, "e2e": 6}
     # the alive view: baseline alive = 200 + L0, arm 80 + L0 at the same CE increase
     assert result.estimates[ALIVE_RATIO].value > 1
     alive = result.estimates[ALIVE_RATIO]
@@ -165,7 +170,9 @@ def test_one_conclusive_quantity_beside_a_missing_one_is_partly_conclusive():
     arm = _points(np.geomspace(10, 30, 3), 20.0, rng, n_seq=128)  # CE -0.4 - -0.13
     result = compare("e2e", "local", arm, base, n_bootstrap=300)
     assert result.status == "partly conclusive" and L0_RATIO not in result.estimates
-    assert result.text.startswith("**e2e vs local: partly conclusive.** At L0 17.")
+    assert result.text.startswith(
+        "**e2e vs local: partly conclusive** (3 and 3 finished points, 1 seed each). At L0 17."
+    )
     assert (
         "nats/token lower" in result.text
         and "Not stated because the frontiers share no CE-loss increase" in result.text

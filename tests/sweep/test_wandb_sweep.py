@@ -125,7 +125,10 @@ def test_tinystories_sweep_reads_yaml_1_1_exponents_as_numbers():
     assert {c.saes.dict_size_to_input_ratio for c in cfgs} == {5.0, 10.0}
 
 
-def test_tinystories_local_sweep_tokenizes_raw_text_with_the_models_tokenizer(caplog):
+def test_tinystories_local_sweep_tokenizes_raw_text_with_the_models_tokenizer(caplog, monkeypatch):
+    import sparsify.compat
+
+    monkeypatch.setattr(sparsify.compat, "_WARNED", set())  # warned once per process: not yet here
     # its run config names tokenizer gpt2 for raw TinyStories text: the model's own (the same
     # vocabulary) is used, with a warning; eval_data null falls back to train_data, next seed
     with caplog.at_level("WARNING"):
@@ -135,6 +138,8 @@ def test_tinystories_local_sweep_tokenizes_raw_text_with_the_models_tokenizer(ca
     assert len(cfgs) == loaded.space.num_samples
     assert {c.train_data.is_tokenized for c in cfgs} == {False}
     assert "tokenized with the model's own tokenizer (roneneldan/TinyStories-1M), not 'gpt2'" in caplog.text
+    # once, though every trial config maps the run config again
+    assert caplog.text.count("train_data.tokenizer_name: raw text is tokenized") == 1
 
 
 # --- synthetic sweep files -------------------------------------------------------------------
