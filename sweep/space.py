@@ -224,7 +224,7 @@ class SearchSpace(StrictModel):
     with the sparsity coefficient, roughly linearly in log-log). The target's metric must be an
     objective; the arm's other searched parameters are sampled at random."""
     resources: Resources = Resources()
-    baseline: str | None = None
+    baseline: str | None = Field(default=None, validate_default=True)
     """The arm every other arm is compared with in the report's verdict; by default the one arm
     whose loss has no logits_kl and no in_to_orig term (the local SAE), an error when that is
     not exactly one arm (`sweep.baseline.baseline_arm`)."""
@@ -267,10 +267,19 @@ class SearchSpace(StrictModel):
             )
         return self
 
-    @model_validator(mode="after")
-    def _baseline_is_known(self) -> SearchSpace:
-        self.baseline_arm()
-        return self
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_is_known(cls, baseline: str | None, info: ValidationInfo) -> str | None:
+        # a field validator, so that an error names `baseline`; `arms` is validated before it
+        arms: dict[str, Arm] | None = info.data.get("arms")
+        if arms is not None:
+            baseline_arm(
+                {name: arm.loss for name, arm in arms.items()},
+                {name: list(arm.search) for name, arm in arms.items()},
+                baseline,
+                {name: arm.set for name, arm in arms.items()},
+            )
+        return baseline
 
     def baseline_arm(self) -> str | None:
         """The verdict's baseline arm (None with one arm). Raises ValueError if ambiguous."""

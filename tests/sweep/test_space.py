@@ -201,3 +201,20 @@ def test_fractional_gpus_with_ddp_fail_naming_the_field(tmp_path, gpus):
         f"{tmp_path / 'space.yaml'}: resources: fractional gpus_per_worker ({gpus:g}) needs "
         "num_workers 1 (got 2): two ranks on one GPU break NCCL; use whole GPUs for DDP"
     )
+
+
+def test_a_wrong_or_ambiguous_baseline_is_one_line_naming_the_field(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "baseline": "nope"})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value).startswith(
+        f"{path}: baseline: baseline 'nope' is not an arm; arms: e2e, local"
+    )  # YAML order
+    assert "\n" not in str(error.value)
+    both_kl = {**MINIMAL, "arms": {name: {**arm, "loss": {"sparsity": {"coeff": 1.0}, "logits_kl": {"coeff": 1.0}}}
+                                   for name, arm in MINIMAL["arms"].items()}}  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"space\.yaml: baseline: cannot tell the baseline arm \(no arm qualifies"
+    ):
+        load_search_space(write(tmp_path, both_kl))
+    assert load_search_space(write(tmp_path, {**both_kl, "baseline": "e2e"})).space.baseline_arm() == "e2e"
