@@ -1,8 +1,8 @@
 """`python -m sweep.report <sweep folder> [--out DIR|-]`: CSV tables, frontier plots, markdown report.
 
-Reads the results table (`sweep.results.load_results`) and writes, into
+Reads the trial records (`sweep.results.load_records`, one table: `results_table`) and writes, into
 `<sweep_dir>/report/` (or the folder `--out DIR` names): `trials.csv`, `frontier_<arm>.csv`,
-`frontier_l0.png`, `frontier_alive.png` and `report.md` (docs/design.md §8). `--out -` prints
+`frontier_l0.png`, `frontier_alive.png`, `verdict.json` and `report.md` (docs/design.md §8). `--out -` prints
 the markdown report to stdout instead and writes nothing at all (no plots, no CSVs); with
 `--out` a finished sweep on read-only storage can still be read. No Ray, no torch; plots use
 matplotlib's Agg canvas directly, so importing this module changes no global backend.
@@ -40,7 +40,7 @@ from sweep.baseline import baseline_arm
 from sweep.bootstrap import points_from_records
 from sweep.pareto import frontiers, hypervolume_2d, l0_ratio_at_matched_ce, shared_reference_point
 from sweep.records import FINISHED, STATUSES
-from sweep.results import PARAM_PREFIX, finished, load_records, load_results
+from sweep.results import PARAM_PREFIX, finished, load_records, results_table
 from sweep.space import SPACE_RECORD
 from sweep.verdict import METHOD, Comparison, compare
 
@@ -256,7 +256,8 @@ def _load(sweep_dir: Path, baseline: str | None = None) -> _Results:
     """
     if not sweep_dir.is_dir():
         raise ReportError(f"sweep folder not found: {sweep_dir}")
-    df = load_results(sweep_dir)
+    records = load_records(sweep_dir)  # read once: the table and the verdict's points
+    df = results_table(records)
     if df.empty:
         raise ReportError(f"no trial records under {sweep_dir / 'trials'}")
     for column in (EVAL_L0, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE):
@@ -271,7 +272,7 @@ def _load(sweep_dir: Path, baseline: str | None = None) -> _Results:
         note = "named with --baseline"
     else:
         baseline, note = recorded_baseline(sweep_dir)
-    points = points_from_records(load_records(sweep_dir))
+    points = points_from_records(records)
     comparisons = []
     if baseline is not None:
         comparisons = [

@@ -96,7 +96,13 @@ def load_results(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
     Raises:
         FileNotFoundError: If `sweep_dir` does not exist or is not a folder.
     """
-    rows = [_row(record) for record in load_records(sweep_dir)]
+    return results_table(load_records(sweep_dir))
+
+
+def results_table(records: Sequence[TrialRecord]) -> pd.DataFrame:
+    """`load_results` on records already read (`load_records`): one row per record, the columns
+    `load_results` describes."""
+    rows = [_row(record) for record in records]
     if not rows:
         return pd.DataFrame(columns=list(FIXED_COLUMNS))
     df = pd.DataFrame(rows)

@@ -147,10 +147,13 @@ Statistic = Callable[[np.ndarray, np.ndarray], float]
 """(baseline points, arm points), each shape (n_points, 3) -> one matched quantity."""
 
 
-def _l0_ratio_at(t: float) -> Statistic:
+def _ratio_at(t: float, column: int) -> Statistic:
+    """Baseline / arm value of `column` (0: L0, 2: alive) on the frontiers against CE-loss
+    increase, at CE-loss increase `t`."""
+
     def stat(base: np.ndarray, arm: np.ndarray) -> float:
-        b = x_at_y(*frontier_arrays(base[:, 0], base[:, 1]), [t])[0]
-        a = x_at_y(*frontier_arrays(arm[:, 0], arm[:, 1]), [t])[0]
+        b = x_at_y(*frontier_arrays(base[:, column], base[:, 1]), [t])[0]
+        a = x_at_y(*frontier_arrays(arm[:, column], arm[:, 1]), [t])[0]
         return b / a if a > 0 else math.nan
 
     return stat
@@ -161,15 +164,6 @@ def _ce_difference_at(l0: float) -> Statistic:
         b = y_at_x(*frontier_arrays(base[:, 0], base[:, 1]), [l0])[0]
         a = y_at_x(*frontier_arrays(arm[:, 0], arm[:, 1]), [l0])[0]
         return b - a
-
-    return stat
-
-
-def _alive_ratio_at(t: float) -> Statistic:
-    def stat(base: np.ndarray, arm: np.ndarray) -> float:
-        b = x_at_y(*frontier_arrays(base[:, 2], base[:, 1]), [t])[0]
-        a = x_at_y(*frontier_arrays(arm[:, 2], arm[:, 1]), [t])[0]
-        return b / a if a > 0 else math.nan
 
     return stat
 
@@ -261,7 +255,7 @@ def compare(
     alive_shared = overlap(ab[1][ab[0] > 0], aa[1][aa[0] > 0])
     if ce_shared is not None:
         t = _mid(ce_shared, geometric=False)
-        estimate(L0_RATIO, RATIO, t, _l0_ratio_at(t), (x_at_y(*fb, [t])[0], x_at_y(*fa, [t])[0]))
+        estimate(L0_RATIO, RATIO, t, _ratio_at(t, 0), (x_at_y(*fb, [t])[0], x_at_y(*fa, [t])[0]))
     if l0_shared is not None:
         x = _mid(l0_shared, geometric=True)
         estimate(
@@ -269,7 +263,7 @@ def compare(
         )
     if alive_shared is not None:
         t = _mid(alive_shared, geometric=False)
-        estimate(ALIVE_RATIO, RATIO, t, _alive_ratio_at(t), (x_at_y(*ab, [t])[0], x_at_y(*aa, [t])[0]))
+        estimate(ALIVE_RATIO, RATIO, t, _ratio_at(t, 2), (x_at_y(*ab, [t])[0], x_at_y(*aa, [t])[0]))
     _explain(result, base, mine, ce_shared, l0_shared)
     result.text = verdict_text(result)
     return result
