@@ -21,6 +21,9 @@ _EXPORTS = {
     "read_yaml": "sparsify.schema",
     "EMBEDDED_MODEL_NAME": "sparsify.config",
     "SAE": "sparsify.sae",
+    "SparseAutoencoder": "sparsify.architectures",
+    "ARCHITECTURES": "sparsify.architectures",
+    "sae_factory": "sparsify.architectures",
     "SAETransformer": "sparsify.sae_transformer",
     "TrainResult": "sparsify.training.trainer",
     "build_model": "sparsify.training.build",
@@ -55,6 +58,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # what type checkers see (and `train` is the function, not the `-m` module)
+    from sparsify.architectures import ARCHITECTURES, SparseAutoencoder, sae_factory
     from sparsify.atomic import atomic_write_text, atomic_write_with, check_writable, make_folders
     from sparsify.config import (
         EMBEDDED_MODEL_NAME,

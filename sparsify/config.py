@@ -42,7 +42,10 @@ class InToOrigLoss(StrictModel):
 
 class LossConfig(StrictModel):
     sparsity: SparsityLoss | None = None
-    """Mean over tokens of ||codes||_p / d_in."""
+    """Mean over tokens of ||codes||_p / d_in (the ReLU SAE's sparsity term)."""
+    l0_penalty: CoeffLoss | None = None
+    """Mean over tokens of the number of active latents, differentiable in the thresholds
+    through a straight-through estimator (the JumpReLU SAE's sparsity term)."""
     out_to_in: CoeffLoss | None = None
     """Local reconstruction MSE between the SAE input and output."""
     in_to_orig: InToOrigLoss | None = None
@@ -55,7 +58,7 @@ class LossConfig(StrictModel):
     @model_validator(mode="after")
     def _some_term_trains(self) -> LossConfig:
         # sparsity alone drives every code to zero: something must ask for a reconstruction
-        if not any(coeff > 0 for term, coeff in self.coeffs().items() if term != "sparsity"):
+        if not any(coeff > 0 for term, coeff in self.coeffs().items() if term not in SPARSITY_TERM_NAMES):
             raise ValueError(
                 "no reconstruction term has a positive coefficient; set at least one of "
                 "out_to_in (local), logits_kl (e2e), in_to_orig (downstream), out_to_orig"
@@ -82,12 +85,37 @@ class LossConfig(StrictModel):
         return self.logits_kl is not None or self.in_to_orig is not None
 
 
-LOSS_TERMS = ("sparsity", "out_to_in", "in_to_orig", "out_to_orig", "logits_kl")
+LOSS_TERMS = ("sparsity", "l0_penalty", "out_to_in", "in_to_orig", "out_to_orig", "logits_kl")
+SPARSITY_TERM_NAMES = ("sparsity", "l0_penalty")
+
+Architecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
+SPARSITY_TERMS: dict[str, tuple[str, ...]] = {
+    "relu": ("sparsity",),
+    "topk": (),
+    "batchtopk": (),
+    "jumprelu": ("l0_penalty",),
+}
+"""The sparsity loss terms each architecture accepts: the ReLU SAE's L_p norm of the codes, the
+JumpReLU SAE's L0 penalty; TopK and BatchTopK take none (k sets their L0)."""
 
 
 class SAEsConfig(StrictModel):
     sae_positions: list[str] = Field(min_length=1)
     """Exact TransformerLens hook names, e.g. `blocks.6.hook_resid_pre`."""
+    architecture: Architecture = "relu"
+    """`relu` (the paper's; sparsity from `loss.sparsity`), `topk` (the k largest latents per
+    token; no sparsity term), `batchtopk` (the k x B largest over a batch of B tokens in
+    training, a learned threshold at eval; no sparsity term) or `jumprelu` (a learned threshold
+    per latent; sparsity from `loss.l0_penalty`). See `sparsify.architectures`."""
+    k: int | None = Field(default=None, ge=1)
+    """topk / batchtopk: active latents per token (batchtopk: on average). Required for them,
+    not allowed for the others."""
+    jumprelu_threshold_init: float = Field(default=0.001, gt=0)
+    """jumprelu: every latent's threshold at init (the paper's 0.001 suits unit-scale inputs;
+    residual streams of real LMs want about 0.1-1)."""
+    jumprelu_bandwidth: float = Field(default=0.001, gt=0)
+    """jumprelu: width of the straight-through estimator's rectangle kernel (the paper's 0.001,
+    with the same scale caveat)."""
     dict_size_to_input_ratio: float = Field(default=1.0, gt=0)
     """Dictionary size = round(ratio * d_in)."""
     skip_first_position: bool = False
@@ -99,12 +127,24 @@ class SAEsConfig(StrictModel):
     the first training batch (helps short runs on large-norm activations). Pretrained SAEs keep
     their bias."""
     pretrained_sae_paths: list[str] | None = None
-    """Start from trained SAEs: run folders, `.safetensors` files or reference `.pt` files whose
-    keys name SAE positions of this config (a later file overrides an earlier one), e.g. an e2e
-    SAE initialized from a local one."""
+    """Start from trained SAEs: run folders, `.safetensors` files, reference `.pt` files or
+    SAELens folders (`cfg.json` + `sae_weights.safetensors`, same architecture) whose SAEs sit at
+    positions of this config (a later file overrides an earlier one), e.g. an e2e SAE
+    initialized from a local one."""
     retrain_saes: bool = False
     """With pretrained_sae_paths: keep training the loaded SAEs (true) or freeze them and train
     only the others (false, as in the reference)."""
+
+    @model_validator(mode="after")
+    def _k_where_it_means_something(self) -> SAEsConfig:
+        uses_k = self.architecture in ("topk", "batchtopk")
+        if uses_k and self.k is None:
+            raise ValueError(
+                f"architecture {self.architecture} needs k (active latents per token), e.g. k: 32"
+            )
+        if not uses_k and self.k is not None:
+            raise ValueError(f"k is for topk and batchtopk; a {self.architecture} SAE does not use it")
+        return self
 
 
 class DataConfig(StrictModel):
@@ -213,6 +253,18 @@ class TrainConfig(StrictModel):
 
     wandb_project: str | None = None
     """Log to this W&B project (needs `pip install wandb`)."""
+
+    @model_validator(mode="after")
+    def _sparsity_term_fits_architecture(self) -> TrainConfig:
+        arch = self.saes.architecture
+        accepted = SPARSITY_TERMS[arch]
+        for term in SPARSITY_TERM_NAMES:
+            if getattr(self.loss, term) is not None and term not in accepted:
+                allowed = ", ".join(f"loss.{t}" for t in accepted) or "none (k sets its L0)"
+                raise ValueError(
+                    f"loss.{term}: a {arch} SAE does not take this sparsity term; allowed for {arch}: {allowed}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _batches_fit(self) -> TrainConfig:

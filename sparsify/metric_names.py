@@ -47,6 +47,22 @@ LR = "lr"
 TOKENS_SEEN = "tokens_seen"
 TOKENS_PER_S = "tokens_per_s"
 
+COST = "cost"
+"""Prefix of what a run cost (final metrics only; `sparsify.flops`, docs/design.md §14)."""
+COST_TRAIN_FLOPS = "cost/train_flops"
+"""FLOPs the training steps spent, counted from shapes (`sparsify.flops`): model forwards and
+the frozen-model backward where run, SAE forward and backward. Eval FLOPs are not included. A
+cached local run counts the model forward it read from the activation cache, as a fresh run
+pays it (`COST_CACHED_MODEL_FLOPS`)."""
+COST_CACHED_MODEL_FLOPS = "cost/cached_model_flops"
+"""The part of `COST_TRAIN_FLOPS` the activation cache served instead of the model (0 without
+it): what the run computed itself is the difference."""
+COST_DEVICE_SECONDS = "cost/device_seconds"
+"""Wall seconds of the training loop (over every resume) x the number of devices (DDP ranks);
+periodic evals and checkpoints inside the loop included, model loading and the final eval not."""
+COST_METRICS = (COST_TRAIN_FLOPS, COST_CACHED_MODEL_FLOPS, COST_DEVICE_SECONDS)
+"""Costs, which add up: a point of `seeds: N` replicates costs their sum, not their mean."""
+
 
 def prefixed(split: str, name: str) -> str:
     """`prefixed("eval", "L0") == "eval/L0"`."""

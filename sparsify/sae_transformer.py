@@ -19,9 +19,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from sparsify.architectures import SAEFactory, SparseAutoencoder, sae_factory
 from sparsify.errors import ConfigError
 from sparsify.hooks import block_index, check_hook_names, hook_to_key
-from sparsify.sae import SAE
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ class SAEActivations:
     sae_in: Float[Tensor, "batch pos d_in"]
     codes: Float[Tensor, "batch pos n_dict"]
     sae_out: Float[Tensor, "batch pos d_in"]
+    penalties: dict[str, Float[Tensor, ""]] = field(default_factory=dict)
+    """Sparsity terms the architecture computes itself, by loss-term name (JumpReLU's
+    `l0_penalty`); empty for the others."""
 
 
 @dataclass
@@ -60,6 +63,8 @@ class SAETransformer(nn.Module):
         skip_first_position: leave position 0 as it is (SAE tensors then cover pos >= 1).
         autocast_dtype: run the frozen model's matrix products under `torch.autocast` in this
             dtype (bf16 on GPU); SAEs, their optimizer state and every loss stay float32.
+        make_sae: (d_in, n_dict) -> SAE, from `sparsify.architectures.sae_factory(cfg.saes)`;
+            default the ReLU SAE.
 
     Raises:
         HookNameError: a position the model does not have (closest names listed).
@@ -72,6 +77,7 @@ class SAETransformer(nn.Module):
         dict_size_to_input_ratio: float,
         skip_first_position: bool = False,
         autocast_dtype: torch.dtype | None = None,
+        make_sae: SAEFactory | None = None,
     ):
         super().__init__()
         self.autocast_dtype = autocast_dtype
@@ -89,9 +95,10 @@ class SAETransformer(nn.Module):
                     f"of {name}) rounds to a dictionary of 0 elements"
                 )
         device = self.model_device
+        make_sae = make_sae or sae_factory()
         self.saes = nn.ModuleDict(
             {
-                hook_to_key(name): SAE(widths[name], round(dict_size_to_input_ratio * widths[name]))
+                hook_to_key(name): make_sae(widths[name], round(dict_size_to_input_ratio * widths[name]))
                 for name in self.sae_positions
             }
         ).to(device)
@@ -138,7 +145,7 @@ class SAETransformer(nn.Module):
     def hook_names(self) -> list[str]:
         return list(self.tlens_model.hook_dict)
 
-    def sae(self, hook_name: str) -> SAE:
+    def sae(self, hook_name: str) -> SparseAutoencoder:
         """The SAE at an exact hook name."""
         return self.saes[hook_to_key(hook_name)]  # type: ignore[return-value]
 
@@ -242,6 +249,7 @@ class SAETransformer(nn.Module):
             cfg.saes.sae_positions,
             cfg.saes.dict_size_to_input_ratio,
             cfg.saes.skip_first_position,
+            make_sae=sae_factory(cfg.saes),
         )
         model.load_saes(checkpoint.load_sae_state(weights), str(weights))
         return model
@@ -259,8 +267,8 @@ class SAETransformer(nn.Module):
         `first_position` left out; SAEs run in float32 even when the frozen model runs in bf16."""
         sae_in = activation[:, self.first_position :].float()
         with torch.autocast(activation.device.type, enabled=False):
-            codes, sae_out = self.sae(hook_name)(sae_in)
-        return SAEActivations(sae_in=sae_in, codes=codes, sae_out=sae_out)
+            codes, sae_out, penalties = self.sae(hook_name).forward_with_penalties(sae_in)
+        return SAEActivations(sae_in=sae_in, codes=codes, sae_out=sae_out, penalties=penalties)
 
     def _activation_widths(self, names: Sequence[str]) -> dict[str, int]:
         probe = torch.zeros((1, 2), dtype=torch.long, device=self.model_device)

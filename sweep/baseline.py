@@ -3,7 +3,7 @@ space's validation and by the report (which reads the recorded space): no Ray, n
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 BASELINE_EXCLUDES = ("logits_kl", "in_to_orig")
@@ -15,19 +15,22 @@ def baseline_arm(
     searched: Mapping[str, Sequence[str]] | None = None,
     named: str | None = None,
     fixed: Mapping[str, Mapping[str, Any]] | None = None,
+    fine_tunes: Collection[str] = (),
 ) -> str | None:
     """The arm every other arm is compared with.
 
     `named` if given; otherwise the one arm whose loss has no `logits_kl` and no `in_to_orig`
     term (a term counts when its section, after the arm's fixed `loss.*` values, has a nonzero
     `coeff`/`total_coeff`, or when a path under it is searched). A space with one arm has no
-    baseline.
+    baseline. A fine-tune arm (`init_from`: it starts from another arm's SAEs) is never
+    picked, only named.
 
     Args:
         losses: Arm -> its `loss` section.
         searched: Arm -> its searched dotted paths (a searched `loss.logits_kl.coeff` counts).
         named: The search space's `baseline` field.
         fixed: Arm -> its `set` values by dotted path (`loss.logits_kl.coeff: 0` turns it off).
+        fine_tunes: The arms with `init_from`: left out of the unnamed choice.
 
     Returns:
         The baseline arm's name, or None for a single-arm space.
@@ -56,7 +59,11 @@ def baseline_arm(
                 return True
         return any(path.startswith(f"loss.{term}.") for path in (searched or {}).get(arm, ()))
 
-    local = [arm for arm in arms if not any(has_term(arm, term) for term in BASELINE_EXCLUDES)]
+    local = [
+        arm
+        for arm in arms
+        if arm not in fine_tunes and not any(has_term(arm, term) for term in BASELINE_EXCLUDES)
+    ]
     if len(local) != 1:
         found = f"arms {', '.join(local)} all qualify" if local else "no arm qualifies"
         raise ValueError(

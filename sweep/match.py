@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
@@ -244,6 +244,11 @@ class MatchSampler(BaseSampler):
         fallback: The sampler of every other parameter, and of this one when no target is
             reachable; by default `RandomSampler(seed)`.
         tolerance: Relative distance at which a trial hits a target.
+        integer: The parameter is an integer (`int` in the search space, e.g. a TopK SAE's k):
+            searched as an Optuna `IntDistribution`, interpolated in log like a loguniform
+            one, each proposal rounded to the nearest whole value.
+        denser: The parameter moves the metric the other way from a sparsity coefficient:
+            raising it raises L0 and lowers the CE increase (`DENSER_PARAMS`, e.g. `saes.k`).
     """
 
     def __init__(
@@ -258,6 +263,8 @@ class MatchSampler(BaseSampler):
         seed: int | None = None,
         fallback: BaseSampler | None = None,
         tolerance: float = HIT_TOLERANCE,
+        integer: bool = False,
+        denser: bool = False,
     ) -> None:
         if metric not in METRIC_DIRECTION:
             raise ValueError(f"cannot match {metric!r}; matchable metrics: {', '.join(METRIC_DIRECTION)}")
@@ -268,12 +275,17 @@ class MatchSampler(BaseSampler):
         self.param = param
         self.space = ParamRange(float(low), float(high), log)
         self.metric = metric
-        self.direction = METRIC_DIRECTION[metric]
+        self.direction = -METRIC_DIRECTION[metric] if denser else METRIC_DIRECTION[metric]
         self.objective_index = objective_index
         self.targets = sorted(set(float(t) for t in targets))
         self.tolerance = tolerance
         self.fallback = fallback if fallback is not None else RandomSampler(seed=seed)
-        self._distribution = FloatDistribution(float(low), float(high), log=log)
+        self.integer = integer
+        self._distribution: BaseDistribution = (
+            IntDistribution(int(low), int(high))
+            if integer
+            else FloatDistribution(float(low), float(high), log=log)
+        )
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         if self.param in trial.system_attrs.get("fixed_params", {}):
@@ -293,7 +305,7 @@ class MatchSampler(BaseSampler):
         if plan.value is None:
             return {}  # sample_independent: the fallback draws it
         storage.set_trial_system_attr(trial_id, TARGET_ATTR, plan.target)
-        return {self.param: plan.value}
+        return {self.param: int(plan.value) if self.integer else plan.value}
 
     def sample_independent(
         self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
@@ -362,6 +374,8 @@ class MatchSampler(BaseSampler):
             if target in marked:
                 continue
             value = propose(observed + liars, target, self.space, self.direction)
+            if self.integer:  # e.g. a TopK SAE's k: the nearest whole value in the range
+                value = float(min(max(round(value), self.space.low), self.space.high))
             bound = self.space.at_bound(value)
             if bound is not None and any(self.space.at_bound(o.c) == bound for o in observed):
                 marked.append(target)  # beyond the range: the bound's trial already missed it
@@ -373,6 +387,11 @@ class MatchSampler(BaseSampler):
                 continue
             return Plan(value, target, mode, marked)
         return Plan(None, None, "random", marked)
+
+
+DENSER_PARAMS = ("saes.k",)
+"""Parameters that raise L0 (and lower the CE increase) as they grow: a TopK/BatchTopK SAE's k
+is its L0."""
 
 
 def match_sampler(space: SearchSpace, arm_name: str) -> MatchSampler:
@@ -388,9 +407,11 @@ def match_sampler(space: SearchSpace, arm_name: str) -> MatchSampler:
         param=arm.match_param,
         low=dist.low,
         high=dist.high,
-        log=dist.type == "loguniform",
+        log=dist.type in ("loguniform", "int"),
         metric=metric,
         objective_index=space.metrics.index(metric),
         targets=targets,
         seed=space.seed,
+        integer=dist.type == "int",
+        denser=arm.match_param in DENSER_PARAMS,
     )

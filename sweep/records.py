@@ -11,13 +11,16 @@ Every trial of a sweep, finished or not, leaves one record at
      "eval_per_sequence": {"eval/L0": [12.1, 12.9, ...], "eval/ce_loss_increase": [...],
                            "eval/kl": [...]},
      "replicates": [{"seed": 0, "metrics": {...}, "eval_per_sequence": {...}, "wall_time_s": 61.2},
-                    {"seed": 1, ...}]}
+                    {"seed": 1, ...}],
+     "init_from": {"arm": "local", "trial": "local_00001"}}
 
 `eval_per_sequence` (a finished trial's final eval, one value per eval sequence) and `replicates`
 (one entry per seed of a `seeds: N` search space, N > 1; docs/design.md §7, §11) are optional:
 written only when not empty, read as empty when missing (records written before them). With
 replicates, `metrics` holds their means and `eval_se/<name>` the standard error across seeds,
-and `eval_per_sequence` is empty (each replicate has its own).
+and `eval_per_sequence` is empty (each replicate has its own). `init_from` (optional too) is
+the source trial a fine-tune arm's trial started from (`sweep.init_from`): its arm and its
+`trial_id`, in every record of such a trial whatever its status.
 
 Finished and diverged trials write their own (`sweep.trial`); errored, early-stopped and
 interrupted ones are written by the sweep's Tune callback the moment Tune ends them
@@ -64,7 +67,7 @@ STOPPED_BY_ASHA = "stopped early by ASHA"
 INTERRUPTED_BY_USER = "the sweep was interrupted while this trial ran; rerunning the sweep resumes it"
 """The `error` of a record with status `interrupted`."""
 TRIALS_DIR = "trials"
-OPTIONAL_KEYS = ("eval_per_sequence", "replicates")
+OPTIONAL_KEYS = ("eval_per_sequence", "replicates", "init_from")
 """Keys written only when not empty (so a record without them is the JSON it always was)."""
 RECORD_KEYS = ("arm", "trial_id", "status", "params", "metrics", "error", "wall_time_s", *OPTIONAL_KEYS)
 REQUIRED_KEYS = ("arm", "trial_id", "status")
@@ -90,6 +93,8 @@ class TrialRecord:
         replicates: With `seeds: N` (N > 1), one entry per training of the point:
             `{"seed": int, "metrics": {...}, "eval_per_sequence": {...}, "wall_time_s": float}`,
             `seed` being the training config's seed of that replicate; empty otherwise.
+        init_from: A fine-tune trial's source (`{"arm": str, "trial": str}`, the source's arm
+            and `trial_id`); None for a trial of an arm without `init_from`.
     """
 
     arm: str
@@ -101,6 +106,7 @@ class TrialRecord:
     wall_time_s: float | None = None
     eval_per_sequence: dict[str, list[float]] = field(default_factory=dict)
     replicates: list[dict[str, Any]] = field(default_factory=list)
+    init_from: dict[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The record as the JSON object stored on disk (every key present but the empty
@@ -146,6 +152,7 @@ class TrialRecord:
             arm=data["arm"], trial_id=data["trial_id"], status=status, params=dict(params),
             metrics=dict(metrics), error=error, wall_time_s=wall_time_s, eval_per_sequence=per_sequence,
             replicates=[_replicate(entry, i) for i, entry in enumerate(replicates)],
+            init_from=_init_from(data.get("init_from")),
         )  # fmt: skip
 
 
@@ -162,6 +169,19 @@ def _per_sequence(value: Any, what: str) -> dict[str, list[float]]:
         if not isinstance(values, list) or not all(_is_number(v) for v in values):
             raise ValueError(f"{what} {name!r} must be a list of numbers")
     return {name: list(values) for name, values in value.items()}
+
+
+def _init_from(value: Any) -> dict[str, str] | None:
+    """A checked copy of a record's `init_from` (null reads as None)."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"arm", "trial"}
+        or not all(isinstance(v, str) for v in value.values())
+    ):
+        raise ValueError(f'trial record init_from must be {{"arm": str, "trial": str}} (got {value!r})')
+    return {"arm": value["arm"], "trial": value["trial"]}
 
 
 def _replicate(entry: Any, index: int) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Reads the trial records (`sweep.results.load_records`, one table: `results_table`) and writes, into
 `<sweep_dir>/report/` (or the folder `--out DIR` names): `trials.csv`, `frontier_<arm>.csv`,
-`frontier_l0.png`, `frontier_alive.png`, `verdict.json` and `report.md` (docs/design.md §8). `--out -` prints
+`frontier_l0.png`, `frontier_alive.png`, `compute.png`, `verdict.json` and `report.md` (docs/design.md §8;
+the "Cost" section and its compute view: `sweep.cost`). `--out -` prints
 the markdown report to stdout instead and writes nothing at all (no plots, no CSVs); with
 `--out` a finished sweep on read-only storage can still be read. No Ray, no torch; plots use
 matplotlib's Agg canvas directly, so importing this module changes no global backend.
@@ -17,7 +18,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from sparsify.metric_names import (
     prefixed,
     se_name,
 )
+from sweep import cost
 from sweep.baseline import baseline_arm
 from sweep.bootstrap import points_from_records
 from sweep.pareto import frontiers, hypervolume_2d, l0_ratio_at_matched_ce, shared_reference_point
@@ -223,6 +225,8 @@ class _Results:
     baseline_note: str
     """Why there is no baseline, or where it came from."""
     comparisons: list[Comparison]
+    costs: cost.CostView = field(default_factory=cost.CostView)
+    """What each trial and arm cost, and the compute view (`sweep.cost`)."""
 
 
 def recorded_baseline(sweep_dir: Path) -> tuple[str | None, str]:
@@ -235,10 +239,11 @@ def recorded_baseline(sweep_dir: Path) -> tuple[str | None, str]:
         losses = {name: arm.get("loss") or {} for name, arm in arms.items()}
         searched = {name: list(arm.get("search") or {}) for name, arm in arms.items()}
         fixed = {name: dict(arm.get("set") or {}) for name, arm in arms.items()}
+        fine_tunes = [name for name, arm in arms.items() if arm.get("init_from")]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, f"no readable {SPACE_RECORD} in the sweep folder; name the baseline with --baseline ARM"
     try:
-        baseline = baseline_arm(losses, searched, space.get("baseline"), fixed)
+        baseline = baseline_arm(losses, searched, space.get("baseline"), fixed, fine_tunes)
     except ValueError as exc:
         return None, f"{exc} (or --baseline ARM)"
     if baseline is None:
@@ -281,17 +286,19 @@ def _load(sweep_dir: Path, baseline: str | None = None) -> _Results:
             if arm != baseline
         ]
     done = finished(df)
+    fronts = frontiers(done, EVAL_L0, EVAL_CE_LOSS_INCREASE)
     alive_done = finished(df, (EVAL_ALIVE, EVAL_CE_LOSS_INCREASE))
     return _Results(
         df=df,
         arms=arms,
         done=done,
-        fronts=frontiers(done, EVAL_L0, EVAL_CE_LOSS_INCREASE),
+        fronts=fronts,
         alive_done=alive_done,
         alive_fronts=frontiers(alive_done, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE),
         baseline=baseline,
         baseline_note=note,
         comparisons=comparisons,
+        costs=cost.CostView.of(records, done, fronts, arms),
     )
 
 
@@ -338,6 +345,7 @@ def verdict_json(results: _Results) -> dict[str, Any]:
         "max_train_tokens_per_sae": tokens,
         "method": METHOD,
         "comparisons": [c.to_json() for c in results.comparisons],
+        "cost": results.costs.to_json(),
     }
 
 
@@ -356,7 +364,7 @@ NO_PLOT = "(No plot in a printed report: `python -m sweep.report <sweep folder> 
 
 
 def _markdown(sweep_dir: Path, results: _Results, plots: bool) -> str:
-    """The markdown report; `plots`: it sits beside the two PNGs (else it says where to get them)."""
+    """The markdown report; `plots`: it sits beside the PNGs (else it says where to get them)."""
     df, arms, fronts = results.df, results.arms, results.fronts
     name = sweep_dir.resolve().name
     sections = [
@@ -371,6 +379,7 @@ def _markdown(sweep_dir: Path, results: _Results, plots: bool) -> str:
         _ratio_section(fronts, results.baseline),
         # each view keeps its own finite points (hypervolume_2d drops NaN per view)
         _hypervolume_section(df[df["status"] == FINISHED], arms),
+        results.costs.section(markdown_table, plots, NO_PLOT),
     ]
     return "\n".join(sections)
 
@@ -425,6 +434,7 @@ def build_report(
         results.arms,
         *VIEWS["frontier_alive"],
     )
+    results.costs.plot(out / cost.COMPUTE_PLOT)
     _write_text(
         out / "verdict.json",
         json.dumps(_finite_or_null(verdict_json(results)), indent=2, allow_nan=False) + "\n",

@@ -26,6 +26,7 @@ from typing import Any
 
 from sparsify import MissingPackageError, SparsifyError, atomic_write_text, load_env_file, redact
 from sweep import interrupt
+from sweep.init_from import arm_order, select_sources
 from sweep.space import SPACE_RECORD, LoadedSpace, SearchSpace, describe_strategy, load_search_space
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,10 @@ DRY_RUN_SHOWN = 20
 """Trials per arm a dry run prints."""
 
 
-def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
-    """Print every arm's fixed settings and `num_samples` sampled trial configs (validated)."""
+def dry_run(loaded: LoadedSpace, num_samples: int, sweep_dir: Path | None = None) -> None:
+    """Print every arm's fixed settings and `num_samples` sampled trial configs (validated); a
+    fine-tune arm's (`init_from`) with its source arm's sample values, and the source trials it
+    would start from now when `sweep_dir` already holds some."""
     space = loaded.space
     print(
         f"sweep {space.name}: {len(space.arms)} arms x {num_samples} trials; objectives "
@@ -78,7 +81,12 @@ def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
         print(f"baseline (the verdict compares every other arm with it): {baseline}")
     if space.seeds > 1:
         print(f"each point trained {space.seeds} times (seeds)")
-    for arm_name, arm in space.arms.items():
+    for arm_name in arm_order(space):
+        arm = space.arms[arm_name]
+        if arm.init_from is not None:
+            print(f"\narm {arm_name}: starts from the SAEs of arm {arm.init_from.arm}'s trials (init_from)")
+            _print_fine_tune(loaded, arm_name, num_samples, sweep_dir)
+            continue
         searched = ", ".join(f"{p} ~ {d.type}" for p, d in arm.search.items()) or "nothing"
         print(f"\narm {arm_name}: searches {searched}")
         first = loaded.trial_config(arm_name, loaded.corner_trials(arm_name)[0])
@@ -110,6 +118,47 @@ def dry_run(loaded: LoadedSpace, num_samples: int) -> None:
         if num_samples > shown_trials:
             more = "more, each aimed at the emptiest target" if space.strategy == "match" else "more"
             print(f"  ... and {num_samples - shown_trials} {more}")
+
+
+def _print_fine_tune(loaded: LoadedSpace, arm_name: str, num_samples: int, sweep_dir: Path | None) -> None:
+    """The dry run of a fine-tune arm: where its trials start, and its config at the source
+    arm's first sample values (its real trials take their sources' values)."""
+    space = loaded.space
+    init_from = space.arms[arm_name].init_from
+    assert init_from is not None
+    print(f"  {describe_strategy(space, arm_name)}")
+    print(
+        f"  at most {num_samples} trials (num_samples); the pretrained SAEs are retrained (retrain_saes: true)"
+    )
+    params = loaded.sample_trials(arm_name, 1)[0]
+    cfg = loaded.trial_config(arm_name, params)
+    terms = ", ".join(f"{term} {coeff:g}" for term, coeff in cfg.loss.coeffs().items())
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    print(f"  SAE positions: {', '.join(cfg.saes.sae_positions)}")
+    print(
+        f"  e.g. from a {init_from.arm} trial with {shown or 'no searched values'} | loss {terms} "
+        f"| {cfg.n_samples} samples x {cfg.train_data.n_ctx} tokens | model {cfg.model_name}"
+    )
+    if sweep_dir is None or not sweep_dir.is_dir():
+        print(f"  sources: chosen once arm {init_from.arm} has run")
+        return
+    sources = select_sources(space, sweep_dir, arm_name, num_samples)
+    if not sources:
+        print(f"  sources now: none (arm {init_from.arm} has no {init_from.select} finished trial yet)")
+    for record in sources:
+        print(f"  starts from {_describe_source(record)}")
+
+
+def _describe_source(record: Any) -> str:
+    """One source trial: `<arm>/<trial_id> (eval/L0 ..., eval/ce_loss_increase ...)`."""
+    from sparsify.metric_names import EVAL_CE_LOSS_INCREASE, EVAL_L0
+
+    values = ", ".join(
+        f"{name} {record.metrics[name]:.4g}"
+        for name in (EVAL_L0, EVAL_CE_LOSS_INCREASE)
+        if name in record.metrics
+    )
+    return f"{record.arm}/{record.trial_id} ({values})"
 
 
 def _mid_range(dist: Any) -> float:
@@ -279,12 +328,25 @@ def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
     dashboard = getattr(context, "dashboard_url", None)
     if dashboard:
         print(f"Ray dashboard: http://{dashboard}", flush=True)
-    from sweep.tuner import arm_tuner  # imports Ray: after start_ray has set its environment
+    from sweep.tuner import arm_tuner, can_resume_arm  # imports Ray: after start_ray has set its environment
 
-    for arm_name in loaded.space.arms:
-        print(f"\n=== arm {arm_name}: {num_samples} trials ===", flush=True)
+    for arm_name in arm_order(loaded.space):  # sources before their fine-tunes (sweep.init_from)
+        init_from = loaded.space.arms[arm_name].init_from
+        chosen = [] if init_from is None else select_sources(loaded.space, sweep_dir, arm_name, num_samples)
+        sources = [record.trial_id for record in chosen]
+        if init_from is None:
+            print(f"\n=== arm {arm_name}: {num_samples} trials ===", flush=True)
+        elif can_resume_arm(sweep_dir, arm_name):  # it keeps the sources it started with
+            print(f"\n=== arm {arm_name}: resuming its trials from arm {init_from.arm}'s ===", flush=True)
+        elif not chosen:
+            print(f"\n=== arm {arm_name}: no {init_from.select} finished trial of arm {init_from.arm} "
+                  "to start from; no trials ===", flush=True)  # fmt: skip
+            continue
+        else:
+            print(f"\n=== arm {arm_name}: {len(sources)} trials, starting from "
+                  f"{'; '.join(_describe_source(r) for r in chosen)} ===", flush=True)  # fmt: skip
         # every trial's record is written as it ends (sweep.records, sweep.tuner)
-        tuner = arm_tuner(loaded, arm_name, sweep_dir, num_samples)
+        tuner = arm_tuner(loaded, arm_name, sweep_dir, num_samples, sources)
         if interrupt.fit_arm(tuner, on_ctrl_c=interrupt.second_ctrl_c_exits_at_once):
             # Tune took a Ctrl-C: it saved its state and stopped the running trials (recorded
             # `interrupted`, resumed by a rerun); no further arm starts
@@ -324,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         except SparsifyError as exc:
             raise SparsifyError(f"{'--storage' if args.storage else loaded.source}: {exc}") from None
         if args.dry_run:
-            dry_run(loaded, num_samples)
+            dry_run(loaded, num_samples, sweep_dir)
             return 0
         if args.resume and not sweep_dir.exists():
             raise SparsifyError(f"--resume: no sweep folder {sweep_dir} to resume")

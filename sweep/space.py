@@ -89,20 +89,77 @@ class Distribution(StrictModel):
         return rng.uniform(low, high)
 
 
+class InitFrom(StrictModel):
+    """Where a fine-tune arm's trials start (docs/design.md §7, "Fine-tune arms")."""
+
+    arm: str
+    """The source arm: each trial of the fine-tune arm starts from the saved SAEs of one of its
+    finished trials. Not itself an `init_from` arm (no chains)."""
+    select: Literal["frontier", "all"] = "frontier"
+    """Which source trials: `frontier`, those on the source arm's eval L0 / eval CE-increase
+    frontier (`sweep.pareto.non_dominated`), or `all`; either way only `finished` trials with
+    finite objectives (never a diverged, ASHA-stopped, errored or interrupted one). The arm runs
+    one trial per selected source in order of eval L0 (lowest first); with more sources than
+    `num_samples`, `num_samples` of them evenly spaced in that order, both ends included."""
+
+
+INIT_FROM_FIXED = ("saes.sae_positions", "saes.dict_size_to_input_ratio", "saes.pretrained_sae_paths",
+                   "saes.retrain_saes")  # fmt: skip
+"""Paths a fine-tune arm may not `set`: its SAEs are its source trial's (positions, size) and
+are loaded and trained on by `init_from` itself."""
+
+
 class Arm(StrictModel):
     loss: dict[str, Any]
     """This SAE type's loss terms (the `loss` section of a training config)."""
-    set: dict[str, Any] = Field(default_factory=dict)
+    init_from: InitFrom | None = None
+    """Fine-tune arm: start every trial from the SAEs of a finished trial of another arm
+    (`{arm: local, select: frontier}`), instead of searching. A trial's config is its source
+    trial's (base, the source arm's `set`, the source's searched values: e.g. its sparsity
+    coefficient; a source value under `loss.<term>` only for terms this arm's `loss` has), with
+    this arm's `loss` and then its `set` on top (e.g. its own `n_samples`), and
+    `saes.pretrained_sae_paths` = the source trial's run folder with `saes.retrain_saes: true`.
+    Its record's `init_from` names the source (`{"arm": ..., "trial": <trial_id>}`). It has no
+    `search` or `initial_points`, ignores `strategy: match` and is never the default baseline."""
+    set: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     """Fixed values by dotted path, e.g. `saes.dict_size_to_input_ratio: 4`."""
-    search: dict[str, Distribution] = Field(min_length=1)
+    search: dict[str, Distribution] = Field(default_factory=dict, validate_default=True)
     """Searched values by dotted path, e.g. `loss.sparsity.coeff: {type: loguniform, ...}` (at
-    least one: Optuna needs something to search; for repeats, search `seed`)."""
-    initial_points: list[dict[str, Any]] = Field(default_factory=list)
+    least one: Optuna needs something to search; for repeats, search `seed`). None in an
+    `init_from` arm: its trials follow their sources."""
+    initial_points: list[dict[str, Any]] = Field(default_factory=list, validate_default=True)
     """Parameter sets tried first (each names every searched path), before the sampler's own."""
     match_param: str = "loss.sparsity.coeff"
     """With `strategy: match`, the searched parameter (dotted path, `loguniform` or `uniform`)
     whose value the sampler aims at the targets: one the target metric moves monotonically with,
     as L0 falls and the CE increase rises with the sparsity coefficient."""
+
+    @field_validator("set")
+    @classmethod
+    def _fine_tune_keeps_its_sources_saes(cls, fixed: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if info.data.get("init_from") is not None:
+            taken = [p for p in fixed if p in INIT_FROM_FIXED or p == "saes"]
+            if taken:
+                raise ValueError(
+                    f"{taken[0]} cannot be set in an init_from arm: its SAEs are its source trial's"
+                )
+        return fixed
+
+    @field_validator("search", "initial_points")
+    @classmethod
+    def _searched_unless_fine_tune(cls, value: Any, info: ValidationInfo) -> Any:
+        fine_tune = info.data.get("init_from") is not None
+        if fine_tune and value:
+            raise ValueError(
+                "not allowed with init_from: the arm runs one trial per source trial, with the "
+                "source's values (set fixed values in `set`)"
+            )
+        if not fine_tune and info.field_name == "search" and not value:
+            raise ValueError(
+                "should have at least 1 item: Optuna needs something to search (for repeats, search "
+                "`seed`), unless the arm starts from another arm's trials (init_from)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _set_and_search_apart(self) -> Arm:
@@ -278,6 +335,7 @@ class SearchSpace(StrictModel):
                 {name: list(arm.search) for name, arm in arms.items()},
                 baseline,
                 {name: arm.set for name, arm in arms.items()},
+                [name for name, arm in arms.items() if arm.init_from is not None],
             )
         return baseline
 
@@ -288,7 +346,19 @@ class SearchSpace(StrictModel):
             {name: list(arm.search) for name, arm in self.arms.items()},
             self.baseline,
             {name: arm.set for name, arm in self.arms.items()},
+            self.fine_tune_arms,
         )
+
+    @property
+    def fine_tune_arms(self) -> list[str]:
+        """The arms that start from another arm's trials (`init_from`), in file order."""
+        return [name for name, arm in self.arms.items() if arm.init_from is not None]
+
+    def source_arm(self, arm_name: str) -> str:
+        """The arm whose trial configs (and corners) an arm's trials follow: its `init_from`
+        source, else itself."""
+        init_from = self.arms[arm_name].init_from
+        return arm_name if init_from is None else init_from.arm
 
     @field_validator("l0_targets", "ce_increase_targets")
     @classmethod
@@ -319,12 +389,19 @@ class SearchSpace(StrictModel):
         if metric not in [o.metric for o in data["objectives"]]:
             raise ValueError(f"match on {given[0]} needs {metric} among the objectives")
         for arm_name, arm in data["arms"].items():
+            if arm.init_from is not None:
+                continue  # it follows its sources, aiming at nothing
             dist = arm.search.get(arm.match_param)
-            if dist is None or dist.type not in ("loguniform", "uniform"):
+            if dist is None or dist.type not in ("loguniform", "uniform", "int"):
                 how = "it is not searched" if dist is None else f"it is searched as {dist.type}"
                 raise ValueError(
                     f"match: arms.{arm_name} must search its match_param {arm.match_param} with "
-                    f"loguniform or uniform; {how}"
+                    f"loguniform, uniform or int; {how}"
+                )
+            if dist.type == "int" and (dist.low or 0) <= 0:
+                raise ValueError(
+                    f"match: arms.{arm_name}: an int match_param is matched in log scale; its low "
+                    f"must be positive (got {dist.low:g})"
                 )
         return strategy
 
@@ -344,6 +421,8 @@ class SearchSpace(StrictModel):
         if self.sampler != "grid":
             return self
         for arm_name, arm in self.arms.items():
+            if arm.init_from is not None:
+                continue  # one trial per source, no grid
             ranges = [path for path, dist in arm.search.items() if dist.type != "categorical"]
             if ranges:
                 raise ValueError(
@@ -379,6 +458,15 @@ def describe_strategy(space: SearchSpace, arm_name: str) -> str:
     """One line on how an arm's study proposes trials (for --dry-run, whose own sample trials
     stay random draws whatever the strategy)."""
     arm = space.arms[arm_name]
+    if arm.init_from is not None:
+        which = "finished trial on the eval/L0 vs eval/ce_loss_increase frontier"
+        if arm.init_from.select == "all":
+            which = "finished trial"
+        return (
+            f"init_from: one trial per {which} of arm {arm.init_from.arm}, in order of eval/L0, each "
+            "starting from that trial's saved SAEs, with its config and searched values and this "
+            "arm's loss and set on top"
+        )
     match = space.match_targets
     if match is None:
         return f"strategy sample: Optuna {space.sampler} sampler"
@@ -415,11 +503,29 @@ def set_dotted(tree: dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
-def trial_config_dict(base: dict[str, Any], arm: Arm, params: dict[str, Any]) -> dict[str, Any]:
-    """Base config, then the arm's loss and fixed values, then the searched params."""
+def trial_config_dict(
+    base: dict[str, Any], arm: Arm, params: dict[str, Any], source: Arm | None = None
+) -> dict[str, Any]:
+    """Base config, then the arm's loss and fixed values, then the searched params.
+
+    For a fine-tune arm (`init_from`), `source` is its source arm and `params` the source
+    trial's searched values: base, the arm's own loss, the source arm's fixed values and
+    `params` (those under `loss.<term>` only for terms of the arm's own loss, e.g. the
+    source's sparsity coefficient), then the arm's own fixed values. The SAEs to start from
+    are added by `sweep.init_from.fine_tune_config`.
+    """
     tree = copy.deepcopy(base)
     tree["loss"] = copy.deepcopy(arm.loss)
-    for path, value in {**arm.set, **params}.items():
+    if source is None:
+        for path, value in {**arm.set, **params}.items():
+            set_dotted(tree, path, value)
+        return tree
+    for path, value in {**source.set, **params}.items():
+        parts = path.split(".")
+        if parts[0] == "loss" and (len(parts) < 2 or parts[1] not in arm.loss):
+            continue  # the fine-tune's loss is its own: no source term is switched on
+        set_dotted(tree, path, value)
+    for path, value in arm.set.items():
         set_dotted(tree, path, value)
     return tree
 
@@ -439,21 +545,24 @@ class LoadedSpace:
             ConfigError: naming the file, the arm and the field.
         """
         arm = self.space.arms[arm_name]
-        tree = trial_config_dict(self.base, arm, params)
+        source = None if arm.init_from is None else self.space.arms[arm.init_from.arm]
+        tree = trial_config_dict(self.base, arm, params, source)
         return validate_config(tree, source=f"{self.source}: arms.{arm_name}")
 
     def corner_trials(self, arm_name: str) -> list[dict[str, Any]]:
         """Parameter sets at the edges of an arm's search: every searched value at its low end,
-        then each one moved to each of its other corners (categorical: every value)."""
-        corners = {param: dist.corners() for param, dist in self.space.arms[arm_name].search.items()}
+        then each one moved to each of its other corners (categorical: every value). A
+        fine-tune arm's are its source arm's (its trials take their sources' values)."""
+        search = self.space.arms[self.space.source_arm(arm_name)].search
+        corners = {param: dist.corners() for param, dist in search.items()}
         low = {param: values[0] for param, values in corners.items()}
         return [low] + [{**low, param: value} for param, values in corners.items() for value in values[1:]]
 
     def sample_trials(self, arm_name: str, n: int, seed: int | None = None) -> list[dict[str, Any]]:
         """`n` parameter sets of an arm (what --dry-run prints): its initial points, then
-        random draws."""
+        random draws (a fine-tune arm: its source arm's)."""
         rng = random.Random(self.space.seed if seed is None else seed)
-        arm = self.space.arms[arm_name]
+        arm = self.space.arms[self.space.source_arm(arm_name)]
         if self.space.sampler == "grid":  # each point once, as the grid sampler runs them
             return grid_points(arm.search)[:n]
         sampled = [{path: dist.sample(rng) for path, dist in arm.search.items()} for _ in range(n)]
@@ -491,11 +600,13 @@ def load_search_space(path: str | Path) -> LoadedSpace:
 
 
 def check_arms(loaded: LoadedSpace) -> LoadedSpace:
-    """Validate every arm's config at the corners of its search, and its initial points.
+    """Validate every fine-tune arm's source, then every arm's config at the corners of its
+    search (a fine-tune arm's: at its source's), and its initial points.
 
     Raises:
         ConfigError: one line, naming the file and the arm.
     """
+    check_sources(loaded)
     for arm_name, arm in loaded.space.arms.items():
         low, *others = loaded.corner_trials(arm_name)
         if loaded.trial_config(arm_name, low).eval_data is None:
@@ -510,3 +621,29 @@ def check_arms(loaded: LoadedSpace) -> LoadedSpace:
         except ValueError as exc:
             raise ConfigError(f"{loaded.source}: arms.{arm_name}: {exc}") from None
     return loaded
+
+
+def check_sources(loaded: LoadedSpace) -> None:
+    """Each `init_from` names another arm of the space, one that is not itself an `init_from`
+    arm (no chains).
+
+    Raises:
+        ConfigError: `<file>: arms.<arm>.init_from.arm: ...`, one line.
+    """
+    arms = loaded.space.arms
+    for arm_name, arm in arms.items():
+        if arm.init_from is None:
+            continue
+        source, where = arm.init_from.arm, f"{loaded.source}: arms.{arm_name}.init_from.arm"
+        if source == arm_name:
+            raise ConfigError(f"{where}: an arm cannot start from its own trials; name another arm")
+        if source not in arms:
+            close = difflib.get_close_matches(source, list(arms), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"{where}: {source!r} is not an arm; {hint}arms: {', '.join(arms)}")
+        chained = arms[source].init_from
+        if chained is not None:
+            raise ConfigError(
+                f"{where}: {source} itself starts from arm {chained.arm} (init_from); chains are not "
+                f"supported: start from {chained.arm} or from another arm that searches"
+            )

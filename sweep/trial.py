@@ -53,6 +53,7 @@ from sparsify import (
     validate_config,
 )
 from sparsify import metric_names as names
+from sweep.init_from import INIT_FROM_KEY, FineTuneStart, fine_tune_config, fine_tune_start
 from sweep.records import (
     DIVERGED,
     ERROR,
@@ -67,7 +68,8 @@ from sweep.space import LoadedSpace
 logger = logging.getLogger(__name__)
 
 ARM_KEY = "arm"
-"""Tune config key holding the arm name; every other key is a dotted training-config path."""
+"""Tune config key holding the arm name; every other key is a dotted training-config path, but
+a fine-tune arm's `sweep.init_from.INIT_FROM_KEY` (its source trial)."""
 
 
 def trial_run_name(trial_id: str) -> str:
@@ -209,6 +211,8 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
     start = time.perf_counter()
     arm = tune_config[ARM_KEY]
     params = {k: v for k, v in tune_config.items() if k != ARM_KEY}
+    init_from = space.space.arms[arm].init_from  # a fine-tune arm: the trial's one param is its source
+    source_trial = str(params.pop(INIT_FROM_KEY)) if init_from is not None else None
     trial_id = tune.get_context().get_trial_id()
     nan_objectives = {metric: math.nan for metric in space.space.metrics}
     done = read_trial_record(sweep_dir, arm, trial_id)
@@ -217,15 +221,21 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
         kept = done.metrics if done.status == FINISHED else nan_objectives
         tune.report({**kept, "status": done.status})
         return
-    cfg = space.trial_config(arm, params)
+    fine_tune = None  # raises unless the source is a finished trial (sweep.init_from)
+    if init_from is not None and source_trial is not None:
+        fine_tune = fine_tune_start(sweep_dir, arm, init_from.arm, source_trial)
+        params = fine_tune.params  # the source's searched values, kept
+    source = None if fine_tune is None else fine_tune.record
     seeds = space.space.seeds
     if seeds == 1:
+        cfg = trial_config(space, sweep_dir, arm, params, fine_tune, 0)
         outcome = _fit(space, sweep_dir, arm, trial_id, cfg, 0, forward_reports=True)
         wall_time_s = time.perf_counter() - start
         replicates: list[dict[str, Any]] = []
     else:
         outcomes = []
         for k in range(seeds):
+            cfg = trial_config(space, sweep_dir, arm, params, fine_tune, k)
             outcome = _replicate(space, sweep_dir, arm, trial_id, cfg, k)
             outcomes.append(outcome)
             if outcome["status"] == DIVERGED:
@@ -240,7 +250,7 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
     if outcome["status"] == DIVERGED:
         record = TrialRecord(
             arm=arm, trial_id=trial_id, status=DIVERGED, params=params, metrics={},
-            error=redact(outcome["error"]), wall_time_s=wall_time_s,
+            error=redact(outcome["error"]), wall_time_s=wall_time_s, init_from=source,
         )  # fmt: skip
         write_trial_record(sweep_dir, record)
         tune.report({**nan_objectives, "status": DIVERGED})
@@ -249,11 +259,28 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
     record = TrialRecord(
         arm=arm, trial_id=trial_id, status=FINISHED, params=params, metrics=metrics, error=None,
         wall_time_s=wall_time_s, eval_per_sequence=outcome.get("eval_per_sequence") or {},
-        replicates=replicates,
+        replicates=replicates, init_from=source,
     )  # fmt: skip
     write_trial_record(sweep_dir, record)
     # Tune keeps only the last result; OptunaSearch reads the objectives from it
     tune.report({**metrics, "status": FINISHED})
+
+
+def trial_config(
+    space: LoadedSpace,
+    sweep_dir: str,
+    arm: str,
+    params: dict[str, Any],
+    fine_tune: FineTuneStart | None,
+    k: int,
+) -> TrainConfig:
+    """Replicate `k`'s config before `replicate_config` changes its seeds: the arm's config at
+    `params`; for a fine-tune trial (`sweep.init_from`), its source's config starting from the
+    SAEs of the source's replicate `k` (its run folder `runs/<source arm>/<replicate k's name>`)."""
+    if fine_tune is None:
+        return space.trial_config(arm, params)
+    source_run = sweep_runs_dir(Path(sweep_dir), fine_tune.arm) / replicate_sae_run_name(fine_tune.trial, k)
+    return fine_tune_config(space, arm, fine_tune, source_run)
 
 
 def replicate_config(cfg: TrainConfig, k: int, source: str) -> TrainConfig:
@@ -287,14 +314,15 @@ def replicate_config(cfg: TrainConfig, k: int, source: str) -> TrainConfig:
 def replicate_means(outcomes: list[dict[str, Any]]) -> dict[str, float]:
     """A point's metrics from its replicates' (`seeds: N`): the mean of each numeric metric over
     the replicates that have it, and for each eval metric `eval_se/<name>` = sample std across
-    the replicates / sqrt(N) (NaN below 2), in place of each run's own standard error."""
+    the replicates / sqrt(N) (NaN below 2), in place of each run's own standard error. Costs
+    (`metric_names.COST_METRICS`: FLOPs, device-seconds) are summed: the point cost them all."""
     by_name: dict[str, list[float]] = {}
     for outcome in outcomes:
         for name, value in outcome["metrics"].items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 by_name.setdefault(name, []).append(float(value))
     means = {
-        name: math.fsum(values) / len(values)
+        name: math.fsum(values) / (1 if name in names.COST_METRICS else len(values))
         for name, values in by_name.items()
         if not name.startswith(f"{names.EVAL_SE}/")
     }

@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sparsify import SparsifyError, redact
 from sparsify import metric_names as names
+from sweep.init_from import INIT_FROM_KEY, fine_tune_start
 from sweep.interrupt import CTRL_C, relay_ctrl_c
 from sweep.match import match_sampler
 from sweep.progress import make_progress_callback
@@ -86,21 +88,32 @@ def optuna_sampler(name: str, seed: int, search: dict[str, Distribution] | None 
     return samplers[name]()
 
 
-def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: int) -> Any:
+def can_resume_arm(sweep_dir: Path, arm_name: str) -> bool:
+    """Whether an earlier run of the sweep left the arm's Tune experiment to resume."""
+    return tune.Tuner.can_restore(str(sweep_dir / "ray_tune" / arm_name))
+
+
+def arm_tuner(
+    loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: int, sources: Sequence[str] = ()
+) -> Any:
     """The Tuner of one arm: its own Optuna study (journal file under `optuna/`), resumed from
-    the sweep folder when an earlier run of it was interrupted.
+    the sweep folder when an earlier run of it was interrupted. A fine-tune arm (`init_from`)
+    has no study: its Tuner runs one trial per source trial, in the order given (Tune's grid
+    over `INIT_FROM_KEY`), and a resumed one keeps the sources it was started with.
 
     Args:
         loaded: The validated search space.
         arm_name: The arm whose trials the Tuner runs.
         sweep_dir: The sweep's folder (records, runs, Tune and Optuna state).
         num_samples: The arm's trial budget.
+        sources: A fine-tune arm's source trial ids (`sweep.init_from.select_sources`).
 
     Returns:
         A `ray.tune.Tuner`; its `fit()` runs the trials.
 
     Raises:
-        SparsifyError: early stopping for trials that do not eval before they end.
+        SparsifyError: early stopping for trials that do not eval before they end; a new
+            fine-tune arm without sources.
     """
     space = loaded.space
     trainable = tune.with_resources(
@@ -109,9 +122,18 @@ def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: 
         {"cpu": 0, "memory": 2**20},
     )
     experiment = sweep_dir / "ray_tune" / arm_name
-    if tune.Tuner.can_restore(str(experiment)):
+    if can_resume_arm(sweep_dir, arm_name):
         logger.info("resuming arm %s from %s", arm_name, experiment)
         return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    init_from = space.arms[arm_name].init_from
+    if init_from is not None:
+        if not sources:
+            raise SparsifyError(f"arms.{arm_name}: no source trial of arm {init_from.arm} to start from")
+        return _tuner(
+            loaded, arm_name, sweep_dir, trainable, len(sources),
+            param_space={ARM_KEY: arm_name, INIT_FROM_KEY: tune.grid_search(list(sources))},
+            tune_samples=1, search_alg=None,
+        )  # fmt: skip
     journal = sweep_dir / "optuna" / f"{arm_name}.journal"
     journal.parent.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
@@ -131,13 +153,30 @@ def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: 
         storage=storage, study_name=arm_name, points_to_evaluate=space.arms[arm_name].initial_points or None,
     )  # fmt: skip
     param_space = {ARM_KEY: arm_name, **{p: to_tune(d) for p, d in space.arms[arm_name].search.items()}}
+    return _tuner(loaded, arm_name, sweep_dir, trainable, num_samples, param_space, num_samples, searcher)
+
+
+def _tuner(
+    loaded: LoadedSpace,
+    arm_name: str,
+    sweep_dir: Path,
+    trainable: Any,
+    num_samples: int,
+    param_space: dict[str, Any],
+    tune_samples: int,
+    search_alg: Any,
+) -> Any:
+    """A new Tuner of one arm's `num_samples` trials: `tune_samples` draws of `param_space`
+    by `search_alg` (None: Tune's own generator, which runs each grid value once per draw)."""
+    space = loaded.space
+    source = space.arms[arm_name].init_from
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            search_alg=searcher,
+            search_alg=search_alg,
             scheduler=asha_scheduler(loaded, arm_name),
-            num_samples=num_samples,
+            num_samples=tune_samples,
             max_concurrent_trials=space.max_concurrent_trials,
             trial_dirname_creator=lambda trial: f"{arm_name}_{trial.trial_id}",
         ),
@@ -147,13 +186,13 @@ def arm_tuner(loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: 
             verbose=1,
             # Tune calls callbacks in this order: the record first, which the progress line reads
             callbacks=[
-                TrialRecordCallback(sweep_dir, arm_name),
+                TrialRecordCallback(sweep_dir, arm_name, None if source is None else source.arm),
                 make_progress_callback(sweep_dir, arm_name, num_samples),
                 CtrlCRelay(),
             ],
             progress_reporter=tune.CLIReporter(
                 metric_columns={m: m for m in space.metrics},
-                parameter_columns=list(space.arms[arm_name].search),
+                parameter_columns=[p for p in param_space if p != ARM_KEY],
                 max_report_frequency=60,
             ),
         ),
@@ -216,19 +255,25 @@ class TrialRecordCallback(tune.Callback):
       (Ctrl-C), which calls no trial callback; it keeps its last eval metrics. Tune saved the
       experiment state before, with the trial still running, so a rerun resumes it.
 
+    A fine-tune arm's records also say which source trial the trial started from (`init_from`)
+    and carry its source's params (`sweep.init_from`).
+
     Args:
         sweep_dir: The sweep's folder.
         arm: The arm whose trials the Tuner runs.
+        source_arm: A fine-tune arm's source arm (`init_from.arm`); None for other arms.
     """
 
-    def __init__(self, sweep_dir: Path, arm: str) -> None:
+    def __init__(self, sweep_dir: Path, arm: str, source_arm: str | None = None) -> None:
         self.sweep_dir = sweep_dir
         self.arm = arm
+        self.source_arm = source_arm
         self.live: set[str] = set()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # restored Tuners unpickle their callbacks: one pickled by an older version lacks `live`
-        for key, value in {"live": set(), **state}.items():
+        # (and `source_arm`)
+        for key, value in {"live": set(), "source_arm": None, **state}.items():
             setattr(self, key, value)
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
@@ -271,6 +316,11 @@ class TrialRecordCallback(tune.Callback):
         if has_final_trial_record(self.sweep_dir, self.arm, trial.trial_id):
             return
         params = {k: v for k, v in (trial.config or {}).items() if k != ARM_KEY}
+        init_from = None
+        if self.source_arm is not None:  # the source's params, as the trial itself records them
+            source_trial = str(params.pop(INIT_FROM_KEY, ""))
+            start = fine_tune_start(self.sweep_dir, self.arm, self.source_arm, source_trial, strict=False)
+            params, init_from = start.params, start.record
         if status == ERROR:
             error, metrics = trial_error_line(trial), {}
         else:
@@ -281,8 +331,9 @@ class TrialRecordCallback(tune.Callback):
                 if k.startswith((f"{names.EVAL}/", f"{names.EVAL_SE}/"))
             }
         record = TrialRecord(
-            arm=self.arm, trial_id=trial.trial_id, status=status, params=params, metrics=metrics, error=error
-        )
+            arm=self.arm, trial_id=trial.trial_id, status=status, params=params, metrics=metrics, error=error,
+            init_from=init_from,
+        )  # fmt: skip
         write_trial_record(self.sweep_dir, record)
 
 

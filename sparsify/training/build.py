@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from sparsify.architectures import sae_factory
 from sparsify.config import TrainConfig
 from sparsify.errors import ConfigError
 from sparsify.model_loading import autocast_dtype, load_tlens_model, resolve_device
@@ -53,6 +54,7 @@ def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransfor
         cfg.saes.dict_size_to_input_ratio,
         cfg.saes.skip_first_position,
         autocast,
+        make_sae=sae_factory(cfg.saes),
     )
     _load_pretrained(model, cfg)
     if cfg.compile:
@@ -70,7 +72,7 @@ def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransfor
 def _load_pretrained(model: SAETransformer, cfg: TrainConfig) -> None:
     for path in cfg.saes.pretrained_sae_paths or []:
         try:
-            state = checkpoint.load_sae_state(path)
+            state = checkpoint.load_sae_state(path, cfg.saes)
         except ConfigError as exc:
             raise ConfigError(f"saes.pretrained_sae_paths: {exc}") from None
         model.load_saes(state, path, freeze=not cfg.saes.retrain_saes)

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sparsify import saelens_import
 from sparsify.atomic import atomic_write_text, atomic_write_with, check_writable, current_umask, storage_error
-from sparsify.config import LossConfig, TrainConfig, config_to_yaml, load_config
+from sparsify.config import LossConfig, SAEsConfig, TrainConfig, config_to_yaml, load_config
 from sparsify.errors import ConfigError
 from sparsify.hooks import hook_to_key
 
@@ -109,23 +110,35 @@ def save_run(
         atomic_write_text(per_sequence_file, json.dumps(eval_per_sequence, sort_keys=True))
 
 
-def load_sae_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """SAE weights from a run folder (its `sae.safetensors`), a `.safetensors` file, or a
-    reference-library `.pt` state dict (docs/design.md §12), keyed `<hook-key>.encoder.0.weight`,
-    `.encoder.0.bias`, `.decoder.weight` (d_in, n_dict), `.decoder.bias`.
+def load_sae_state(path: str | Path, saes: SAEsConfig | None = None) -> dict[str, torch.Tensor]:
+    """SAE weights from a run folder (its `sae.safetensors`), a `.safetensors` file, a
+    reference-library `.pt` state dict (docs/design.md §12), or a SAELens-format folder
+    (`cfg.json` + `sae_weights.safetensors`, converted by `sparsify.saelens_import`), keyed
+    `<hook-key>.encoder.0.weight`, `.encoder.0.bias`, `.decoder.weight` (d_in, n_dict),
+    `.decoder.bias`, plus an architecture's own tensors (`log_threshold`, `threshold`).
 
     Decoder columns are normalized to unit L2 norm: some released checkpoints store decoders
     that are not (the SAE normalizes inside forward, so behaviour is unchanged; the stored
     weights then equal the dictionary elements). A `saes.` key prefix is dropped.
 
+    Args:
+        path: the file or folder.
+        saes: the config the SAEs will join; a SAELens folder must match its architecture and k.
+
     Raises:
-        ConfigError: a missing file, an unknown file type, or a file that is not a state dict.
+        ConfigError: a missing file, an unknown file type, a file that is not a state dict, or
+            a SAELens folder we cannot convert exactly.
     """
     path = Path(path)
+    if path.is_dir() and saelens_import.is_saelens_folder(path):
+        state = saelens_import.load_saelens_state(path, saes)
+        return _unit_decoders(state)
     if path.is_dir():
         path = path / SAE_WEIGHTS
     if not path.is_file():
-        raise ConfigError(f"{path}: no such SAE file (give a run folder, .safetensors or .pt file)")
+        raise ConfigError(
+            f"{path}: no such SAE file (give a run folder, SAELens folder, .safetensors or .pt file)"
+        )
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -139,7 +152,10 @@ def load_sae_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{path}: cannot read SAE weights: {first}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path}: not a state dict of tensors")
-    state = {k.removeprefix("saes."): v for k, v in state.items()}
+    return _unit_decoders({k.removeprefix("saes."): v for k, v in state.items()})
+
+
+def _unit_decoders(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if key.endswith(".decoder.weight"):
             state[key] = F.normalize(value.float(), dim=0)

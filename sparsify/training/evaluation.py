@@ -4,10 +4,11 @@ and the train log use."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -168,8 +169,28 @@ def evaluate(
     top-1 agreement, total variation, L0, explained variance, and each configured loss term.
     Alive dictionary elements are counted over `act_frequency_n_tokens` tokens with a forward
     that stops after the last SAE. Collective under torch.distributed: every rank returns the
-    same result.
+    same result. The SAEs run in eval mode (`SparseAutoencoder.eval()`: BatchTopK's threshold rule
+    instead of its batch rule) and are put back in the mode they were in.
     """
+    with saes_in_eval_mode(model):
+        return _evaluate(model, cfg, tokenizer, plan, rank, world_size)
+
+
+@contextlib.contextmanager
+def saes_in_eval_mode(model: SAETransformer) -> Iterator[None]:
+    """The SAEs in eval mode inside the block (BatchTopK: the threshold rule, not the batch
+    rule), then back in the mode they were in."""
+    was_training = model.saes.training
+    model.saes.eval()
+    try:
+        yield
+    finally:
+        model.saes.train(was_training)
+
+
+def _evaluate(
+    model: SAETransformer, cfg: TrainConfig, tokenizer: Any, plan: LossPlan, rank: int, world_size: int
+) -> EvalResult:
     assert cfg.eval_data is not None
     device = model.model_device
     # eval always runs the original model, so the SAE forward can always resume from it
@@ -243,7 +264,7 @@ def count_alive(
     model: SAETransformer, cfg: TrainConfig, tokenizer: Any, rank: int = 0, world_size: int = 1
 ) -> dict[str, float]:
     """Alive dictionary elements per position (fired at least once) over
-    `act_frequency_n_tokens` eval tokens, and their sum over positions."""
+    `act_frequency_n_tokens` eval tokens, and their sum over positions (SAEs in eval mode)."""
     assert cfg.eval_data is not None
     n_ctx = cfg.eval_data.n_ctx
     n_seqs = shard_size(math.ceil(cfg.act_frequency_n_tokens / n_ctx), rank, world_size)
@@ -260,10 +281,11 @@ def count_alive(
         rank,
         world_size,
     )
-    for tokens in batches:
-        out = model.forward(tokens.to(model.model_device), stop_at_layer=stop)
-        for hook, acts in out.sae_acts.items():
-            counters[hook].update(acts.codes)
+    with saes_in_eval_mode(model):
+        for tokens in batches:
+            out = model.forward(tokens.to(model.model_device), stop_at_layer=stop)
+            for hook, acts in out.sae_acts.items():
+                counters[hook].update(acts.codes)
     result: dict[str, float] = {}
     for hook, counter in counters.items():
         if dist.is_available() and dist.is_initialized():

@@ -9,7 +9,7 @@ so the two cannot drift apart. The weighted total is `sparsify.losses.weighted_t
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -32,6 +32,8 @@ class SAETermInputs:
     sae_out: Float[Tensor, "... d_in"]
     orig: Float[Tensor, "... d_in"] | None = None
     """The original model's activation there (for out_to_orig), when it was run."""
+    penalties: dict[str, Float[Tensor, ""]] = field(default_factory=dict)
+    """Sparsity terms the SAE computed itself (JumpReLU's `l0_penalty`)."""
 
 
 def assemble_terms(
@@ -44,7 +46,8 @@ def assemble_terms(
 ) -> dict[str, Float[Tensor, ""]]:
     """Unweighted value of every configured loss term (docs/design.md §4), keyed by term name.
 
-    sparsity, out_to_in and out_to_orig are summed over SAE positions; in_to_orig is the mean
+    sparsity (the ReLU SAE's L_p norm), l0_penalty (the JumpReLU SAE's, from
+    `SAETermInputs.penalties`), out_to_in and out_to_orig are summed over SAE positions; in_to_orig is the mean
     MSE over its hooks (so `weighted_total` weights each hook total_coeff / n_hooks); logits_kl
     is KL(P_orig || P_sae) in nats, mean over tokens. A term whose inputs are missing (no
     original run) is left out, except the summed ones, which start at `zero`.
@@ -62,13 +65,17 @@ def assemble_terms(
     if use_compiled:
         sparsity_fn, mse_fn, kl_fn = compiled(sparsity_loss), compiled(mse_loss), compiled(logits_kl_loss)
     terms = {
-        name: zero for name in ("sparsity", "out_to_in", "out_to_orig") if getattr(loss, name) is not None
+        name: zero
+        for name in ("sparsity", "l0_penalty", "out_to_in", "out_to_orig")
+        if getattr(loss, name) is not None
     }
     for sae in saes:
         if loss.sparsity is not None:
             terms["sparsity"] = terms["sparsity"] + sparsity_fn(
                 sae.codes, loss.sparsity.p_norm, sae.sae_in.shape[-1]
             )
+        if loss.l0_penalty is not None:
+            terms["l0_penalty"] = terms["l0_penalty"] + sae.penalties["l0_penalty"]
         if loss.out_to_in is not None:
             terms["out_to_in"] = terms["out_to_in"] + mse_fn(sae.sae_out, sae.sae_in)
         if loss.out_to_orig is not None and sae.orig is not None:
@@ -184,6 +191,7 @@ def loss_terms(
             acts.sae_in,
             acts.sae_out,
             raw.acts[hook][:, first:].float() if raw is not None and loss.out_to_orig is not None else None,
+            acts.penalties,
         )
         for hook, acts in out.sae_acts.items()
     )

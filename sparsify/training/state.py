@@ -36,9 +36,27 @@ class TrainState:
     """Optimizer steps done."""
     samples_seen: int = 0
     """Sequences trained on, over all DDP ranks."""
+    device_seconds: float = 0.0
+    """Wall seconds x DDP ranks of the training loop before `loop_start` (the earlier runs of a
+    resumed one), plus this run's once `stop_clock` ran."""
+    loop_start: float | None = None
+    """`time.perf_counter()` when this process's training loop started; None when not running."""
 
     def tokens_seen(self, n_ctx: int) -> int:
         return self.samples_seen * n_ctx
+
+    def start_clock(self) -> None:
+        self.loop_start = time.perf_counter()
+
+    def stop_clock(self, world_size: int) -> None:
+        """Add the loop's wall seconds since `start_clock`, x `world_size`, to `device_seconds`."""
+        self.device_seconds = self.device_seconds_now(world_size)
+        self.loop_start = None
+
+    def device_seconds_now(self, world_size: int) -> float:
+        """`device_seconds` including the running loop's time so far (rank-local wall clock)."""
+        running = 0.0 if self.loop_start is None else time.perf_counter() - self.loop_start
+        return self.device_seconds + running * world_size
 
 
 class TrainWindow:
@@ -162,6 +180,7 @@ def train_state_json(
     return {
         "step": state.step,
         "samples_seen": state.samples_seen,
+        "device_seconds": state.device_seconds_now(world_size),
         "world_size": world_size,
         "lr": optimizer.param_groups[0]["lr"],
         "window": window.to_json(),
@@ -217,6 +236,7 @@ def restore(
     for group in optimizer.param_groups:
         group["lr"] = saved["lr"]  # the next step sets it from the schedule; the final log reads it
     state.step, state.samples_seen = saved["step"], saved["samples_seen"]
+    state.device_seconds = float(saved.get("device_seconds", 0.0))  # absent before it was recorded
     window.load_json(saved["window"], model.model_device)
     logger.info("resumed from %s at step %d (%d samples)", resume.folder, state.step, state.samples_seen)
     return saved.get("wandb_run_id")

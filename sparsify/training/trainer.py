@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 from sparsify import metric_names as names
 from sparsify.config import TrainConfig
 from sparsify.data import check_data_budget
+from sparsify.flops import training_flops_per_sequence
 from sparsify.losses import weighted_total
 from sparsify.sae_transformer import ForwardOutput, SAETransformer
+from sparsify.training.activation_cache import wants_activation_cache
 from sparsify.training.batches import MicroBatch, micro_batches, per_rank_batch_size
 from sparsify.training.build import build_model, run_dir_for
 from sparsify.training.checkpoint import load_checkpoint, make_folder, save_final_state, save_run
@@ -123,6 +125,7 @@ def train(
     run = TrainRun(cfg, model, plan, optimizer, state, window, tracker, run_dir, rank, world_size, report)
     with _closed_on_failure(tracker):
         done = state.step * cfg.grad_accum_steps  # micro-batches trained on before the checkpoint
+        state.start_clock()  # cost/device_seconds (an activation cache built now counts)
         batches = micro_batches(model, cfg, rank, world_size, resumed=resume_from is not None, skip=done)
         # closed on a crash too, so an error line is not redrawn over
         with _progress_bar(cfg, state, show=rank == 0 and show_progress) as progress:
@@ -230,14 +233,31 @@ def finish(run: TrainRun) -> tuple[dict[str, float], dict[str, Any]]:
     """The end of training: the last log window, the final eval and tokens seen, logged at the
     last step. Returns (final metrics, the finished run's checkpoint state)."""
     run.window.check_finite()
+    run.state.stop_clock(run.world_size)  # the final eval is not training time
     # taken before the flush empties the log window: resuming the finished run gives the same metrics
     final_state = run.checkpoint_state()
     final = run.window.flush(None, run.lr, {}) if run.window.n_tokens else {}
     if run.cfg.eval_data is not None:
         final.update(run.evaluate())
     final[names.prefixed(names.TRAIN, names.TOKENS_SEEN)] = run.state.tokens_seen(run.cfg.train_data.n_ctx)
+    final.update(cost_metrics(run))
     run.tracker.log(final, run.state.step)
     return final, final_state
+
+
+def cost_metrics(run: TrainRun) -> dict[str, float]:
+    """What the run cost (docs/design.md §14): `cost/train_flops` = FLOPs per training sequence
+    (`sparsify.flops`) x sequences trained on (over ranks and resumes), the part of it a cached
+    run read from the activation cache, and `cost/device_seconds` (`TrainState.device_seconds`)."""
+    cfg, state = run.cfg, run.state
+    per_sequence = training_flops_per_sequence(run.model, run.plan, cfg.train_data.n_ctx)
+    n_used = cfg.n_grad_steps * cfg.samples_per_step // run.world_size  # as `micro_batches` decides
+    cached = per_sequence.spliced_forward if wants_activation_cache(cfg, run.model, n_used) else 0
+    return {
+        names.COST_TRAIN_FLOPS: float(per_sequence.total * state.samples_seen),
+        names.COST_CACHED_MODEL_FLOPS: float(cached * state.samples_seen),
+        names.COST_DEVICE_SECONDS: state.device_seconds,
+    }
 
 
 def forward_backward(
@@ -269,6 +289,11 @@ def optimizer_step(
             assert p.grad is not None
             dist.all_reduce(p.grad)
             p.grad /= world
+        # estimates kept in buffers (BatchTopK's threshold) follow each rank's own shard
+        for buffer in model.saes.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer /= world
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     factor = lr_factor(

@@ -38,7 +38,7 @@ def test_no_code_unpickles_untrusted_files():
 
 E2E = {"sparsity": {"coeff": 0.5}, "logits_kl": {"coeff": 1.0}, "out_to_in": {"coeff": 0.0}}
 LOCAL = {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}}  # reads the activation cache on CPU
-TIMING = {"train/tokens_per_s"}
+TIMING = {"train/tokens_per_s", "cost/device_seconds"}
 """Metrics that measure the clock, not the training."""
 
 

@@ -1,15 +1,20 @@
 """Pretrained SAEs in and out: `pretrained_sae_paths` + `retrain_saes`, reference `.pt` files
-(decoder normalized on load), `SAETransformer.from_local_path` for our runs and the
-reference's."""
+(decoder normalized on load), SAELens-format folders (e2e fine-tuning from one; what cannot be
+converted exactly is one line), `SAETransformer.from_local_path` for our runs and the
+reference's. (Import vs sae-lens itself, per architecture: test_export.py.)"""
+
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 from conftest import tiny_train_config
+from safetensors.torch import save_file
 
 from sparsify import train
-from sparsify.config import validate_config
+from sparsify.config import SAEsConfig, validate_config
+from sparsify.data import local_token_stream
 from sparsify.errors import ConfigError
 from sparsify.sae import SAE
 from sparsify.sae_transformer import SAETransformer
@@ -146,6 +151,168 @@ def test_pretrained_file_that_does_not_fit_is_one_line(
     )
     with pytest.raises(ConfigError, match=message):
         build_model(cfg, tiny_bridge)
+
+
+def _saelens_folder(folder, architecture="standard", d_sae=128, threshold=None, seed=0, **fields):
+    """A SAELens 6 folder at blocks.1.hook_resid_pre of the tiny model (d_in 64): input
+    centering on, decoder rows of norms 0.5 .. 2. Returns its tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        "W_enc": torch.randn(64, d_sae, generator=gen) * 0.3,
+        "b_enc": torch.randn(d_sae, generator=gen) * 0.05,
+        "W_dec": F.normalize(torch.randn(d_sae, 64, generator=gen), dim=1)
+        * torch.linspace(0.5, 2.0, d_sae)[:, None],
+        "b_dec": torch.randn(64, generator=gen) * 0.05,
+    }
+    if threshold is not None:
+        tensors["threshold"] = threshold
+    cfg = {
+        "architecture": architecture,
+        "d_in": 64,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **fields,
+        "metadata": {"sae_lens_version": "6.54.12", "hook_name": POS1, "model_name": "tiny"},
+    }
+    folder.mkdir(parents=True)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file(tensors, folder / "sae_weights.safetensors")
+    return tensors
+
+
+def _kl(model, tokens):
+    """KL(original || spliced) of the next-token distributions, mean over tokens (nats)."""
+    with torch.no_grad():
+        log_orig = model.forward_raw(tokens).logits.float().log_softmax(-1)
+        log_sae = model(tokens).logits.float().log_softmax(-1)
+    return (log_orig.exp() * (log_orig - log_sae)).sum(-1).mean().item()
+
+
+def test_saelens_folder_starts_an_e2e_finetune(tiny_bridge, tiny_model_dir, corpus_dir, tmp_path):
+    theirs = _saelens_folder(tmp_path / "saelens")
+    cfg = validate_config(
+        tiny_train_config(
+            tiny_model_dir,
+            corpus_dir,
+            tmp_path,
+            saes={
+                "sae_positions": [POS1],
+                "dict_size_to_input_ratio": 2.0,
+                "pretrained_sae_paths": [str(tmp_path / "saelens")],
+                "retrain_saes": True,
+            },
+            loss={"sparsity": {"coeff": 0.01}, "logits_kl": {"coeff": 1.0}},
+            save_dir=None,
+            eval_data=None,
+        )
+    )
+    model = build_model(cfg, tiny_bridge)
+    imported = load_sae_state(tmp_path / "saelens", cfg.saes)
+    for name, value in model.sae(POS1).state_dict().items():
+        torch.testing.assert_close(value, imported[f"blocks-1-hook_resid_pre.{name}"], rtol=0, atol=0)
+    # before the first step the SAE is SAELens's standard SAE: ReLU((x - b_dec) W_enc + b_enc) W_dec + b_dec
+    sae_in = torch.randn(5, 64) * 0.5
+    codes = torch.relu((sae_in - theirs["b_dec"]) @ theirs["W_enc"] + theirs["b_enc"])
+    with torch.no_grad():
+        sae_out = model.sae(POS1)(sae_in)[1]
+    torch.testing.assert_close(sae_out, codes @ theirs["W_dec"] + theirs["b_dec"], rtol=1e-5, atol=1e-5)
+    tokens = local_token_stream(cfg.train_data, tiny_bridge.tokenizer)[: 4 * 16].reshape(4, 16)
+    kl_before = _kl(model, tokens)
+    trained = train(cfg, tlens_model=tiny_bridge, show_progress=False).model
+    assert _kl(trained, tokens) < 0.95 * kl_before
+
+
+@pytest.mark.parametrize(
+    ("architecture", "saes", "write", "message"),
+    [
+        (
+            "topk",
+            {"k": 4},
+            lambda p: _saelens_folder(p),
+            r"is a SAELens standard SAE \(imports as architecture relu\), but saes.architecture is topk",
+        ),
+        (
+            "topk",
+            {"k": 4},
+            lambda p: _saelens_folder(p, "topk", k=3),
+            "is a topk SAE with k 3, but saes.k is 4",
+        ),
+        (
+            "topk",
+            {"k": 3},
+            lambda p: _saelens_folder(p, "topk", k=3),
+            "decoder rows have different norms .* rescale_acts_by_decoder_norm false",
+        ),
+        (
+            "relu",
+            {},
+            lambda p: _saelens_folder(p, normalize_activations="expected_average_only_in"),
+            "normalize_activations 'expected_average_only_in' is not supported",
+        ),
+        (
+            "relu",
+            {},
+            lambda p: _saelens_folder(p, "gated"),
+            "SAELens architecture 'gated' cannot be imported; allowed: standard, topk, jumprelu",
+        ),
+        (
+            "batchtopk",
+            {"k": 4},
+            lambda p: _saelens_folder(p, "jumprelu", threshold=torch.full((128,), 0.1)),
+            "jumprelu thresholds differ across latents .* a batchtopk SAE has one",
+        ),
+        (
+            "jumprelu",
+            {},
+            lambda p: _saelens_folder(p, "jumprelu", threshold=torch.linspace(-0.1, 0.1, 128)),
+            "jumprelu thresholds are <= 0; ours learns log",
+        ),
+        (
+            "jumprelu",
+            {},
+            lambda p: _saelens_folder(p, "jumprelu"),
+            "a SAELens jumprelu SAE has W_enc, b_enc, W_dec, b_dec, threshold; missing threshold",
+        ),
+    ],
+)
+def test_saelens_folder_we_cannot_honour_is_one_line(tmp_path, architecture, saes, write, message):
+    write(tmp_path / "saelens")
+    cfg = SAEsConfig.model_validate({"sae_positions": [POS1], "architecture": architecture, **saes})
+    with pytest.raises(ConfigError, match=message) as info:
+        load_sae_state(tmp_path / "saelens", cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_saelens_folder_that_does_not_fit_the_config_names_the_field(
+    tiny_bridge, tiny_model_dir, corpus_dir, tmp_path
+):
+    _saelens_folder(tmp_path / "small", d_sae=64)
+    _saelens_folder(tmp_path / "relu")
+    for folder, architecture, message in [
+        ("small", "relu", "blocks-1-hook_resid_pre has a dictionary of 64 x d_in 64, this config's SAE 128"),
+        ("relu", "jumprelu", "is a SAELens standard SAE .*, but saes.architecture is jumprelu"),
+    ]:
+        sparsity = (
+            {"l0_penalty": {"coeff": 0.1}} if architecture == "jumprelu" else {"sparsity": {"coeff": 0.1}}
+        )
+        cfg = tiny_train_config(
+            tiny_model_dir,
+            corpus_dir,
+            tmp_path,
+            saes={
+                "sae_positions": [POS1, POS2],
+                "dict_size_to_input_ratio": 2.0,
+                "architecture": architecture,
+                "pretrained_sae_paths": [str(tmp_path / folder)],
+            },
+            loss={**sparsity, "logits_kl": {"coeff": 1.0}},
+        )
+        with pytest.raises(ConfigError, match=f"^saes.pretrained_sae_paths: {tmp_path / folder}.*{message}"):
+            build_model(validate_config(cfg), tiny_bridge)
 
 
 def test_every_sae_frozen_is_rejected(tiny_bridge, tiny_model_dir, corpus_dir, tmp_path):

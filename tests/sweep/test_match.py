@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
@@ -247,6 +247,27 @@ def test_ce_increase_targets():
         study.tell(trial, values)
         ce.append(values[1])
     assert all(any(abs(m / t - 1) <= 0.15 for m in ce) for t in (0.1, 0.2, 0.4)), ce
+
+
+def test_an_integer_k_that_raises_l0_is_aimed_at_the_targets():
+    """A TopK SAE's k: L0 = k (the noise of a short run: 3% below it), searched as an int. The
+    sampler proposes whole numbers, steps the right way (more k, more L0) and hits every target."""
+    k_dist = IntDistribution(2, 64)
+    match = MatchSampler(
+        "saes.k", 2, 64, True, EVAL_L0, 0, [5.0, 12.0, 25.0], seed=0, integer=True, denser=True
+    )
+    study = study_with(match)
+    ks, l0s = [], []
+    for _ in range(4):
+        trial = study.ask({"saes.k": k_dist})
+        k = trial.params["saes.k"]
+        ks.append(k)
+        l0s.append(0.97 * k)
+        study.tell(trial, [0.97 * k, 1.0 / k])
+    assert all(isinstance(k, int) for k in ks)
+    assert ks[0] == 11  # the geometric middle of 2..64, rounded
+    assert all(any(abs(m / t - 1) <= 0.15 for m in l0s[:3]) for t in (12.0, 25.0)), ks
+    assert any(abs(m / 5.0 - 1) <= 0.15 for m in l0s), ks
 
 
 # --- Tune's OptunaSearch around it (no Ray cluster) -----------------------------------------

@@ -22,7 +22,7 @@ from sweep.results import load_results
 from sweep.space import load_search_space
 
 SAE_WEIGHTS = "sae.safetensors"  # a run folder's SAE weights (README)
-TIMING = {"train/tokens_per_s"}
+TIMING = {"train/tokens_per_s", "cost/device_seconds"}
 LOCAL = {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}}
 ONE_COEFF = {"loss.sparsity.coeff": {"type": "categorical", "values": [1.0]}}
 """OptunaSearch needs a searched parameter; one value keeps the trial known."""
