@@ -144,6 +144,15 @@ class SAEsConfig(StrictModel):
             )
         if not uses_k and self.k is not None:
             raise ValueError(f"k is for topk and batchtopk; a {self.architecture} SAE does not use it")
+        # (a resolved config writes every field out: only a value other than the default is a mistake)
+        fields = type(self).model_fields
+        jumprelu_fields = sorted(
+            f for f in fields if f.startswith("jumprelu_") and getattr(self, f) != fields[f].default
+        )
+        if self.architecture != "jumprelu" and jumprelu_fields:
+            raise ValueError(
+                f"{jumprelu_fields[0]} is for jumprelu; a {self.architecture} SAE does not use it"
+            )
         return self
 
 

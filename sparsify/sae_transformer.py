@@ -174,7 +174,9 @@ class SAETransformer(nn.Module):
                 `.decoder.weight` (d_in, n_dict), `.decoder.bias` (d_in) per position, as from
                 `sparsify.training.checkpoint.load_sae_state`.
             source: the file it came from, for error messages.
-            freeze: stop gradients to the loaded SAEs (the reference's `retrain_saes: false`).
+            freeze: stop gradients to the loaded SAEs (the reference's `retrain_saes: false`)
+                and put them in eval mode, so that they stay the function they were (BatchTopK:
+                the threshold rule, and no further threshold estimates).
 
         Returns:
             The hook names loaded.
@@ -210,6 +212,8 @@ class SAETransformer(nn.Module):
                 )
             sae.load_state_dict({k: v.to(own[k].dtype) for k, v in given.items()})
             sae.requires_grad_(not freeze)
+            if freeze:  # a fixed function: BatchTopK's threshold rule, its threshold left as loaded
+                sae.eval()
             self.pretrained.add(by_key[key])
             loaded.append(by_key[key])
         return loaded
@@ -223,6 +227,9 @@ class SAETransformer(nn.Module):
                 run folder (`final_config.yaml` + `*.pt` checkpoints; the one with the most
                 samples is loaded, docs/design.md §12).
             device: `auto`, `cpu` or `cuda`.
+
+        Returns:
+            The model, its SAEs in eval mode (`SparseAutoencoder.eval()`).
 
         Raises:
             ConfigError: a folder that holds neither layout, or an unloadable model or SAE file.
@@ -252,6 +259,9 @@ class SAETransformer(nn.Module):
             make_sae=sae_factory(cfg.saes),
         )
         model.load_saes(checkpoint.load_sae_state(weights), str(weights))
+        # for inference: BatchTopK's threshold rule, not its batch rule (which also moves the
+        # learned threshold on every forward); `model.saes.train()` to train on
+        model.saes.eval()
         return model
 
     def apply_saes(self, acts: dict[str, Tensor]) -> ForwardOutput:

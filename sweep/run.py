@@ -92,7 +92,7 @@ def dry_run(loaded: LoadedSpace, num_samples: int, sweep_dir: Path | None = None
         first = loaded.trial_config(arm_name, loaded.corner_trials(arm_name)[0])
         loss = ", ".join(f"{term} {'searched' if f'loss.{term}.coeff' in arm.search else f'{coeff:g}'}"
                          for term, coeff in first.loss.coeffs().items())  # fmt: skip
-        print(f"  SAE positions: {', '.join(first.saes.sae_positions)}")
+        print(f"  SAE positions: {', '.join(first.saes.sae_positions)}; {_describe_saes(first, arm.search)}")
         print(f"  loss: {loss}")
         print(f"  {describe_strategy(space, arm_name)}")
         shown_trials = min(num_samples, DRY_RUN_SHOWN)
@@ -161,10 +161,19 @@ def _describe_source(record: Any) -> str:
     return f"{record.arm}/{record.trial_id} ({values})"
 
 
-def _mid_range(dist: Any) -> float:
+def _describe_saes(cfg: Any, search: dict[str, Any]) -> str:
+    """`relu SAEs, dictionary size 2 x d_in` / `topk SAEs (k searched), ...`."""
+    saes = cfg.saes
+    k = "" if saes.k is None else f" (k {'searched' if 'saes.k' in search else saes.k})"
+    return f"{saes.architecture} SAEs{k}, dictionary size {saes.dict_size_to_input_ratio:g} x d_in"
+
+
+def _mid_range(dist: Any) -> float | int:
     """Where `strategy: match` starts without initial points: the middle of the range (geometric
-    for loguniform), as `sweep.match.propose` does with no trial."""
+    for loguniform and int, an int rounded), as `sweep.match.MatchSampler` does with no trial."""
     low, high = float(dist.low), float(dist.high)
+    if dist.type == "int":
+        return min(max(round(math.sqrt(low * high)), int(low)), int(high))
     return math.sqrt(low * high) if dist.type == "loguniform" else (low + high) / 2
 
 

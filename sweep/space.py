@@ -104,9 +104,9 @@ class InitFrom(StrictModel):
 
 
 INIT_FROM_FIXED = ("saes.sae_positions", "saes.dict_size_to_input_ratio", "saes.pretrained_sae_paths",
-                   "saes.retrain_saes")  # fmt: skip
-"""Paths a fine-tune arm may not `set`: its SAEs are its source trial's (positions, size) and
-are loaded and trained on by `init_from` itself."""
+                   "saes.retrain_saes", "saes.architecture", "saes.k")  # fmt: skip
+"""Paths a fine-tune arm may not `set`: its SAEs are its source trial's (positions, size,
+architecture) and are loaded and trained on by `init_from` itself."""
 
 
 class Arm(StrictModel):
@@ -522,8 +522,8 @@ def trial_config_dict(
         return tree
     for path, value in {**source.set, **params}.items():
         parts = path.split(".")
-        if parts[0] == "loss" and (len(parts) < 2 or parts[1] not in arm.loss):
-            continue  # the fine-tune's loss is its own: no source term is switched on
+        if parts[0] == "loss" and (len(parts) < 2 or arm.loss.get(parts[1]) is None):
+            continue  # the fine-tune's loss is its own: no source term is switched on (nor a null one)
         set_dotted(tree, path, value)
     for path, value in arm.set.items():
         set_dotted(tree, path, value)
@@ -616,11 +616,35 @@ def check_arms(loaded: LoadedSpace) -> LoadedSpace:
             )
         for params in others:
             loaded.trial_config(arm_name, params)
+        _check_takes_fractions(loaded, arm_name, low)
         try:
             arm.check_initial_points()
         except ValueError as exc:
             raise ConfigError(f"{loaded.source}: arms.{arm_name}: {exc}") from None
     return loaded
+
+
+def _check_takes_fractions(loaded: LoadedSpace, arm_name: str, low: dict[str, Any]) -> None:
+    """A `loguniform` or `uniform` path must take fractional values: its corners may be whole
+    numbers (`saes.k: {type: loguniform, low: 4, high: 40}` validates there), but almost every
+    draw between them is not, and an integer field (`saes.k`, `batch_size`) would then fail
+    every trial. Checked just above `low`.
+
+    Raises:
+        ConfigError: naming the file, the arm and the path, with the fix (`type: int`).
+    """
+    search = loaded.space.arms[loaded.space.source_arm(arm_name)].search
+    for path, dist in search.items():
+        if dist.type not in ("loguniform", "uniform") or not float(low[path]).is_integer():
+            continue
+        inside = math.nextafter(float(low[path]), math.inf)
+        try:
+            loaded.trial_config(arm_name, {**low, path: inside})
+        except ConfigError:
+            raise ConfigError(
+                f"{loaded.source}: arms.{arm_name}: {path} is searched as {dist.type}, but takes whole "
+                f"numbers only (a draw such as {inside!r} fails); search it with type: int"
+            ) from None
 
 
 def check_sources(loaded: LoadedSpace) -> None:

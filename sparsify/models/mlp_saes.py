@@ -95,6 +95,10 @@ class MLPSAEsConfig(StrictModel):
             raise ValueError(f"sae_positions: each position at most once (got {self.sae_positions})")
         if self.warmup_steps > self.n_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed n_steps ({self.n_steps})")
+        if self.loss.l0_penalty is not None:  # the MLP's SAEs are ReLU SAEs (`sparsify.sae.SAE`)
+            raise ValueError(
+                "loss.l0_penalty: the MLP's SAEs are relu SAEs; their sparsity term is loss.sparsity"
+            )
         return self
 
 

@@ -24,7 +24,7 @@ def run_dir_for(cfg: TrainConfig) -> Path | None:
         cfg.save_dir,
         cfg.run_name,
         lambda: checkpoint.sae_run_name(
-            saes.sae_positions, saes.dict_size_to_input_ratio, cfg.loss, cfg.seed
+            saes.sae_positions, saes.dict_size_to_input_ratio, cfg.loss, cfg.seed, saes.architecture, saes.k
         ),
     )
 

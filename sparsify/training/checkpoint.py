@@ -46,14 +46,23 @@ def run_dir_for(save_dir: str | None, run_name: str | None, default_name: Callab
 
 
 def sae_run_name(
-    positions: Sequence[str], dict_size_to_input_ratio: float, loss: LossConfig, seed: int
+    positions: Sequence[str],
+    dict_size_to_input_ratio: float,
+    loss: LossConfig,
+    seed: int,
+    architecture: str = "relu",
+    k: int | None = None,
 ) -> str:
     """Default name of an SAE run folder from what tells runs apart:
     `blocks-6-hook_resid_pre_ratio4_sparsity1.5_logits_kl1_seed0` (positions, dictionary size
-    ratio, the nonzero loss coefficients, seed)."""
-    coeffs = "_".join(f"{k}{v:g}" for k, v in loss.coeffs().items() if v)
+    ratio, the nonzero loss coefficients, seed); an architecture other than relu is named after
+    the ratio, with its k (`..._ratio4_topk32_out_to_in1_seed0`), so runs that differ only in it
+    do not share a folder."""
+    coeffs = "_".join(f"{term}{v:g}" for term, v in loss.coeffs().items() if v)
+    arch = "" if architecture == "relu" else f"_{architecture}{'' if k is None else k}"
     return (
-        f"{'+'.join(hook_to_key(p) for p in positions)}_ratio{dict_size_to_input_ratio:g}_{coeffs}_seed{seed}"
+        f"{'+'.join(hook_to_key(p) for p in positions)}_ratio{dict_size_to_input_ratio:g}{arch}_{coeffs}"
+        f"_seed{seed}"
     )
 
 

@@ -179,13 +179,14 @@ def evaluate(
 @contextlib.contextmanager
 def saes_in_eval_mode(model: SAETransformer) -> Iterator[None]:
     """The SAEs in eval mode inside the block (BatchTopK: the threshold rule, not the batch
-    rule), then back in the mode they were in."""
-    was_training = model.saes.training
+    rule), then each back in the mode it was in (a frozen pretrained SAE stays in eval mode)."""
+    modes = [(module, module.training) for module in model.saes.modules()]
     model.saes.eval()
     try:
         yield
     finally:
-        model.saes.train(was_training)
+        for module, was_training in modes:
+            module.training = was_training
 
 
 def _evaluate(

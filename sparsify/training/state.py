@@ -48,10 +48,15 @@ class TrainState:
     def start_clock(self) -> None:
         self.loop_start = time.perf_counter()
 
-    def stop_clock(self, world_size: int) -> None:
-        """Add the loop's wall seconds since `start_clock`, x `world_size`, to `device_seconds`."""
+    def stop_clock(self, world_size: int, device: torch.device | None = None) -> None:
+        """Add the loop's wall seconds since `start_clock`, x `world_size`, to `device_seconds`;
+        under torch.distributed (collective) the slowest rank's, so every rank reports the same."""
         self.device_seconds = self.device_seconds_now(world_size)
         self.loop_start = None
+        if dist.is_available() and dist.is_initialized():
+            slowest = torch.tensor(self.device_seconds, dtype=torch.float64, device=device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            self.device_seconds = slowest.item()
 
     def device_seconds_now(self, world_size: int) -> float:
         """`device_seconds` including the running loop's time so far (rank-local wall clock)."""

@@ -233,7 +233,7 @@ def finish(run: TrainRun) -> tuple[dict[str, float], dict[str, Any]]:
     """The end of training: the last log window, the final eval and tokens seen, logged at the
     last step. Returns (final metrics, the finished run's checkpoint state)."""
     run.window.check_finite()
-    run.state.stop_clock(run.world_size)  # the final eval is not training time
+    run.state.stop_clock(run.world_size, run.model.model_device)  # the final eval is not training time
     # taken before the flush empties the log window: resuming the finished run gives the same metrics
     final_state = run.checkpoint_state()
     final = run.window.flush(None, run.lr, {}) if run.window.n_tokens else {}

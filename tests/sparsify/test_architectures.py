@@ -181,6 +181,11 @@ def _cfg(saes: dict, loss: dict) -> dict:
         ({"architecture": "topk"}, {"out_to_in": {"coeff": 1.0}}, "architecture topk needs k"),
         ({"k": 4}, {"out_to_in": {"coeff": 1.0}}, "k is for topk and batchtopk; a relu SAE does not use it"),
         (
+            {"architecture": "topk", "k": 4, "jumprelu_bandwidth": 0.1},
+            {"out_to_in": {"coeff": 1.0}},
+            "jumprelu_bandwidth is for jumprelu; a topk SAE does not use it",
+        ),
+        (
             {"architecture": "jumprelu"},
             {"l0_penalty": {"coeff": 1.0}},
             "no reconstruction term has a positive coefficient",

@@ -109,6 +109,48 @@ def test_a_saved_jumprelu_run_loads_with_its_architecture(
         assert_close(loaded(tiny_tokens).logits, result.model(tiny_tokens).logits)
 
 
+def test_a_batchtopk_run_loads_for_inference_with_its_threshold_rule(
+    tiny_bridge, tiny_model_dir, corpus_dir, tmp_path, tiny_tokens
+):
+    # from_local_path used to return the SAEs in training mode: a forward used the batch rule
+    # (a sequence's codes depended on the others in its batch) and moved the learned threshold
+    saes, loss = {"architecture": "batchtopk", "k": 4}, {"out_to_in": {"coeff": 1.0}}
+    cfg = _config(tiny_model_dir, corpus_dir, tmp_path, saes, loss, n_samples=32, eval_data=None,
+                  save_dir=str(tmp_path / "runs"))  # fmt: skip
+    result = train(cfg, tlens_model=tiny_bridge, show_progress=False)
+    loaded = SAETransformer.from_local_path(result.run_dir, device="cpu")
+    sae = loaded.sae("blocks.1.hook_resid_pre")
+    assert isinstance(sae, BatchTopKSAE) and not sae.training
+    threshold = sae.threshold.clone()
+    with torch.no_grad():
+        both = loaded(tiny_tokens).sae_acts["blocks.1.hook_resid_pre"].codes
+        first = loaded(tiny_tokens[:1]).sae_acts["blocks.1.hook_resid_pre"].codes
+    assert torch.equal(both[:1], first)
+    assert torch.equal(sae.threshold, threshold)
+
+
+def test_a_frozen_pretrained_batchtopk_sae_keeps_its_threshold_and_rule(
+    tiny_bridge, tiny_model_dir, corpus_dir, tmp_path
+):
+    # a frozen (retrain_saes: false) BatchTopK SAE used to run its batch rule while the other SAE
+    # trained, and its threshold estimate kept moving, so the saved "frozen" SAE had changed
+    saes, loss = {"architecture": "batchtopk", "k": 4}, {"out_to_in": {"coeff": 1.0}}
+    source = train(_config(tiny_model_dir, corpus_dir, tmp_path, saes, loss, n_samples=32,
+                           save_dir=str(tmp_path / "src")), tlens_model=tiny_bridge, show_progress=False)  # fmt: skip
+    both = {**saes, "sae_positions": ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"],
+            "pretrained_sae_paths": [str(source.run_dir)]}  # fmt: skip
+    # evals every 2 steps: the SAEs go to eval mode and back in between
+    result = train(_config(tiny_model_dir, corpus_dir, tmp_path, both, loss, n_samples=32, eval_every_n_samples=16),
+                   tlens_model=tiny_bridge, show_progress=False)  # fmt: skip
+    frozen, trained = (result.model.sae(f"blocks.{i}.hook_resid_pre") for i in (1, 2))
+    assert not frozen.training and trained.training
+    loaded = source.model.sae("blocks.1.hook_resid_pre")
+    assert isinstance(frozen, BatchTopKSAE) and isinstance(loaded, BatchTopKSAE)
+    assert torch.equal(frozen.threshold, loaded.threshold)
+    assert torch.equal(frozen.threshold_updates, loaded.threshold_updates)
+    assert trained.threshold_updates.item() == 32 // 8
+
+
 class _Interrupted(Exception):
     pass
 

@@ -20,6 +20,30 @@ def test_atomic_write_leaves_no_temp_file_and_shares_by_umask(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o644  # readable by colleagues, not 0600
 
 
+def test_default_run_folder_names_the_architecture_and_k():
+    # runs that differ only in the architecture or k used to share (and overwrite) one folder
+    from sparsify.config import validate_config
+    from sparsify.training.build import run_dir_for
+
+    def folder(**saes):
+        tree = {
+            "save_dir": "runs", "n_samples": 64, "lr": 1e-3, "loss": {"out_to_in": {"coeff": 1.0}},
+            "saes": {"sae_positions": ["blocks.6.hook_resid_pre"], **saes},
+        }  # fmt: skip
+        return run_dir_for(validate_config(tree, source="t")).name
+
+    names = [
+        folder(),
+        folder(architecture="topk", k=32),
+        folder(architecture="topk", k=64),
+        folder(architecture="batchtopk", k=32),
+        folder(architecture="jumprelu"),
+    ]
+    assert names[0] == "blocks-6-hook_resid_pre_ratio1_out_to_in1_seed0"  # relu runs keep their names
+    assert names[1] == "blocks-6-hook_resid_pre_ratio1_topk32_out_to_in1_seed0"
+    assert len(set(names)) == len(names)
+
+
 def test_no_code_unpickles_untrusted_files():
     """Weights load through safetensors; a torch.load anywhere must pass weights_only=True
     (a pickled checkpoint can run code when loaded)."""

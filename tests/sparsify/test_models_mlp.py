@@ -196,6 +196,18 @@ def test_cli_bad_field_prints_one_line_naming_file_and_field(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
+def test_cli_l0_penalty_is_refused_in_one_line_the_mlp_saes_are_relu(tmp_path, capsys):
+    # it used to validate, then crash with KeyError 'l0_penalty' in the first step
+    path = tmp_path / "l0.yaml"
+    path.write_text(
+        "mlp_dir: x\nsae_positions: [hidden.0]\nn_steps: 10\n"
+        "loss: {l0_penalty: {coeff: 1}, out_to_in: {coeff: 1}}\n"
+    )
+    assert mlp_saes.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "loss.l0_penalty: the MLP's SAEs are relu SAEs" in err and err.count("\n") == 1
+
+
 def test_cli_unknown_position_and_missing_mlp_name_file_and_field(mlp_dir, tmp_path, capsys):
     path = tmp_path / "pos.yaml"
     base = {"mlp_dir": str(mlp_dir), "n_steps": 10, "loss": {"out_to_in": {"coeff": 1}}}

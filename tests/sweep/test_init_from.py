@@ -94,6 +94,14 @@ def test_fine_tune_config_is_its_sources_with_its_own_loss_and_set_on_top(tmp_pa
     }
 
 
+def test_a_loss_term_the_fine_tune_sets_null_stays_off(tmp_path):
+    # `sparsity: null` used to be switched back on by the source's searched coefficient
+    tree = space_tree(loss={"sparsity": None, "logits_kl": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}})
+    cfg = load_search_space(write(tmp_path, tree)).trial_config("ft", {"loss.sparsity.coeff": 2.5})
+    assert cfg.loss.sparsity is None
+    assert cfg.loss.coeffs() == {"out_to_in": 1.0, "logits_kl": 1.0}
+
+
 def test_a_fine_tune_arm_is_never_the_default_baseline(tmp_path):
     tree = space_tree(loss=LOCAL_LOSS)  # a local fine-tune: no KL either
     assert load_search_space(write(tmp_path, tree)).space.baseline_arm() == "local"

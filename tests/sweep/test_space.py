@@ -37,11 +37,18 @@ def write(tmp_path, tree):
 def test_shipped_search_spaces_expand_into_valid_trials(path):
     loaded = load_search_space(path)
     assert {"local", "e2e"} <= set(loaded.space.arms)
-    for arm in loaded.space.arms:
+    searching = [name for name, arm in loaded.space.arms.items() if arm.init_from is None]
+    for arm in searching:
         for params in loaded.sample_trials(arm, 3):
-            cfg = loaded.trial_config(arm, params)
-            assert cfg.loss.sparsity is not None
-            assert params["loss.sparsity.coeff"] == cfg.loss.sparsity.coeff
+            dumped = loaded.trial_config(arm, params).model_dump()
+            for param, value in params.items():  # each searched value lands where its path says
+                node = dumped
+                for part in param.split("."):
+                    node = node[part]
+                assert node == value, param
+    for cfg in (loaded.trial_config(arm, loaded.sample_trials(arm, 1)[0]) for arm in searching):
+        # the ReLU SAEs' sparsity comes from the L1 term, the TopK SAEs' from k
+        assert (cfg.loss.sparsity is not None) == (cfg.saes.architecture == "relu")
 
 
 @pytest.mark.parametrize("path", SEARCH_SPACES, ids=lambda p: p.name)
@@ -51,12 +58,14 @@ def test_dry_run_prints_every_arm(path, capsys):
     space = load_search_space(path).space
     for arm in space.arms:
         assert f"arm {arm}:" in out
+    aiming = [arm for arm in space.arms.values() if arm.init_from is None]
+    for name, arm in space.arms.items():
+        if arm.init_from is not None:
+            assert f"arm {name}: starts from the SAEs of arm {arm.init_from.arm}'s trials" in out
     if space.strategy == "match":  # the first trial mid-range, then trials aimed at the targets
-        assert out.count("trial 0:") == len(space.arms) and "trial 1:" not in out
-        assert out.count("... and 1 more, each aimed at the emptiest target") == len(space.arms)
-        assert out.count(f"at eval/L0 = {', '.join(f'{t:g}' for t in space.l0_targets or [])}") == len(
-            space.arms
-        )
+        assert out.count("trial 0:") == len(aiming) and "trial 1:" not in out
+        assert out.count("... and 1 more, each aimed at the emptiest target") == len(aiming)
+        assert out.count(f"at eval/L0 = {', '.join(f'{t:g}' for t in space.l0_targets or [])}") == len(aiming)
     else:
         assert out.count("trial 1:") == len(space.arms)
 
@@ -152,6 +161,27 @@ def test_int_range_needs_whole_numbers(tmp_path):
     tree["arms"]["local"]["search"]["batch_size"] = {"type": "int", "low": 4.5, "high": 16}
     with pytest.raises(ConfigError, match=r"int needs whole-number low and high \(got 4.5, 16\)"):
         load_search_space(write(tmp_path, tree))
+
+
+@pytest.mark.parametrize("path", ["saes.k", "batch_size"])
+def test_integer_field_searched_as_a_continuous_range_is_one_line_error(tmp_path, path):
+    # whole-number corners validate, but almost every draw between them failed its trial
+    tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    local = tree["arms"]["local"]
+    if path == "saes.k":
+        local["loss"] = {"out_to_in": {"coeff": 1.0}}
+        local["set"] = {"saes.architecture": "topk"}
+        local["search"] = {}
+    local["search"][path] = {"type": "loguniform", "low": 4, "high": 16}
+    file = write(tmp_path, tree)
+    with pytest.raises(ConfigError) as info:
+        load_search_space(file)
+    assert str(info.value).startswith(
+        f"{file}: arms.local: {path} is searched as loguniform, but takes whole numbers only"
+    )
+    assert str(info.value).endswith("search it with type: int")
+    local["search"][path] = {"type": "int", "low": 4, "high": 16}
+    load_search_space(write(tmp_path, tree))
 
 
 def test_typo_in_a_searched_path_is_reported_before_initial_points(tmp_path):
