@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from sparsify.architectures import sae_factory
+from sparsify.architectures import SparseAutoencoder, sae_factory
 from sparsify.config import TrainConfig
 from sparsify.errors import ConfigError
 from sparsify.model_loading import autocast_dtype, load_tlens_model, resolve_device
@@ -60,6 +60,9 @@ def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransfor
     if cfg.compile:
         for sae in model.saes.values():
             sae.compile()  # in place: the state dict keeps its names
+            if type(sae).forward_with_penalties is not SparseAutoencoder.forward_with_penalties:
+                # JumpReLU trains through its own method, which does not call the compiled forward
+                sae.forward_with_penalties = torch.compile(sae.forward_with_penalties)  # type: ignore[method-assign]
     for field_name in ("train_data", "eval_data"):
         data = getattr(cfg, field_name)
         if data is not None and data.n_ctx > model.n_ctx:

@@ -379,7 +379,7 @@ def test_match_space_loads_with_sorted_targets_and_describes_itself(tmp_path):
         (
             {"strategy": "match", "l0_targets": [10]},
             {"e2e": {"match_param": "lr"}},
-            "match: arms.e2e must search its match_param lr with loguniform or uniform; it is not searched",
+            "match: arms.e2e must search its match_param lr with loguniform, uniform or int; it is not searched",
         ),
         (
             {"strategy": "match", "l0_targets": [10]},
@@ -389,7 +389,7 @@ def test_match_space_loads_with_sorted_targets_and_describes_itself(tmp_path):
                     "initial_points": [],
                 }
             },
-            "arms.local must search its match_param loss.sparsity.coeff with loguniform or uniform; "
+            "arms.local must search its match_param loss.sparsity.coeff with loguniform, uniform or int; "
             "it is searched as categorical",
         ),
         ({"strategy": "nearest"}, None, "strategy: Input should be 'sample' or 'match'"),

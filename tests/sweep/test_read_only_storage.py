@@ -112,7 +112,7 @@ def test_report_of_a_read_only_sweep_is_written_where_out_says(space_yaml, tmp_p
     assert capsys.readouterr().out.strip() == str(out / "report.md")
     names = {p.name for p in out.iterdir()}
     assert names == {"report.md", "verdict.json", "trials.csv", "frontier_local.csv", "frontier_e2e.csv",
-                     "frontier_l0.png", "frontier_alive.png"}  # fmt: skip
+                     "frontier_l0.png", "frontier_alive.png", "compute.png"}  # fmt: skip
     assert "| e2e_00001 |" in (out / "report.md").read_text()
     assert not (folder / "report").exists()
 
