@@ -58,7 +58,8 @@ def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransfor
     )
     _load_pretrained(model, cfg)
     if cfg.compile:
-        for sae in model.saes.values():
+        for name in model.sae_positions:
+            sae = model.sae(name)
             sae.compile()  # in place: the state dict keeps its names
             if type(sae).forward_with_penalties is not SparseAutoencoder.forward_with_penalties:
                 # JumpReLU trains through its own method, which does not call the compiled forward
