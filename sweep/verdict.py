@@ -290,8 +290,9 @@ def _explain(
         worse, better = (arm, baseline) if fa[:, 1].min() > fb[:, 1].max() else (baseline, arm)
         worse_pts, better_pts = (fa, fb) if worse == arm else (fb, fa)
         result.next_steps.append(
-            f"lower {worse}'s sparsity coefficient (L0 targets above {worse_pts[:, 0].max():.3g}) or "
-            f"raise {better}'s (L0 targets below {better_pts[:, 0].min():.3g}) until their CE-loss increases overlap"
+            # arm-neutral: a ReLU arm moves its sparsity coefficient, a TopK arm its k, a fine-tune its sources
+            f"aim {worse} at higher L0 (targets above {worse_pts[:, 0].max():.3g}) or "
+            f"{better} at lower L0 (targets below {better_pts[:, 0].min():.3g}) until their CE-loss increases overlap"
         )
     if l0_shared is None and len(fa) and len(fb):
         result.problems.append(f"the frontiers share no L0 range ({ranges})")

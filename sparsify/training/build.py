@@ -3,6 +3,7 @@ model with fresh or pretrained SAEs) and `run_dir_for` (the run folder of a `Tra
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from sparsify.errors import ConfigError
 from sparsify.model_loading import autocast_dtype, load_tlens_model, resolve_device
 from sparsify.sae_transformer import SAETransformer
 from sparsify.training import checkpoint
+
+logger = logging.getLogger(__name__)
 
 
 def run_dir_for(cfg: TrainConfig) -> Path | None:
@@ -57,6 +60,8 @@ def build_model(cfg: TrainConfig, tlens_model: Any | None = None) -> SAETransfor
         make_sae=sae_factory(cfg.saes),
     )
     _load_pretrained(model, cfg)
+    if cfg.saes.architecture == "jumprelu" and cfg.loss.l0_penalty is None:
+        logger.warning("a jumprelu SAE without loss.l0_penalty: nothing makes it sparse")
     if cfg.compile:
         for name in model.sae_positions:
             sae = model.sae(name)

@@ -142,7 +142,16 @@ def load_sae_state(path: str | Path, saes: SAEsConfig | None = None) -> dict[str
     if path.is_dir() and saelens_import.is_saelens_folder(path):
         state = saelens_import.load_saelens_state(path, saes)
         return _unit_decoders(state)
+    if path.is_dir() and saes is not None and (path / CONFIG_FILE).is_file():
+        _check_same_architecture(path, saes)
     if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.is_dir() and saelens_import.is_saelens_folder(p))
+        if (
+            inside and not (path / SAE_WEIGHTS).is_file()
+        ):  # an export's top folder: one SAELens folder per hook
+            raise ConfigError(
+                f"{path}: holds SAELens folders, one per SAE position: give {path / inside[0]} (or each of them)"
+            )
         path = path / SAE_WEIGHTS
     if not path.is_file():
         raise ConfigError(
@@ -169,6 +178,19 @@ def _unit_decoders(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if key.endswith(".decoder.weight"):
             state[key] = F.normalize(value.float(), dim=0)
     return state
+
+
+def _check_same_architecture(run_dir: Path, saes: SAEsConfig) -> None:
+    """Raises ConfigError (one line) when a run folder's SAEs are of another architecture or k
+    than `saes`: their tensors may have the same names (relu and topk), so loading would go
+    through and silently change what the SAE computes."""
+    run = load_run_config(run_dir).saes
+    if (run.architecture, run.k) != (saes.architecture, saes.k):
+
+        def name(s: SAEsConfig) -> str:
+            return s.architecture if s.k is None else f"{s.architecture} with k {s.k}"
+
+        raise ConfigError(f"{run_dir} holds {name(run)} SAEs, but this config's saes are {name(saes)}")
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:

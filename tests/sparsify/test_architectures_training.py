@@ -180,3 +180,33 @@ def test_a_resumed_batchtopk_run_equals_an_uninterrupted_one(
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert resumed.metrics[names.EVAL_L0] == whole.metrics[names.EVAL_L0]
+
+
+def test_a_run_folder_of_another_architecture_or_k_is_refused_in_one_line(
+    tiny_bridge, tiny_model_dir, corpus_dir, tmp_path
+):
+    from sparsify import ConfigError, build_model
+
+    saes, loss = {"architecture": "topk", "k": 6}, {"out_to_in": {"coeff": 1.0}}
+    run = train(
+        _config(tiny_model_dir, corpus_dir, tmp_path, saes, loss, n_samples=8, eval_data=None,
+                save_dir=str(tmp_path / "runs")),
+        tlens_model=tiny_bridge, show_progress=False,
+    ).run_dir  # fmt: skip
+    for other, wanted in (
+        ({"sparsity": {"coeff": 1.0}}, "holds topk with k 6 SAEs, but this config's saes are relu"),
+        (
+            {"architecture": "topk", "k": 7},
+            "holds topk with k 6 SAEs, but this config's saes are topk with k 7",
+        ),
+    ):
+        relu = "sparsity" in other
+        cfg = _config(
+            tiny_model_dir, corpus_dir, tmp_path,
+            {"pretrained_sae_paths": [str(run)], **({} if relu else other)},
+            {**(other if relu else {}), "out_to_in": {"coeff": 1.0}}, n_samples=8, eval_data=None,
+        )  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            build_model(cfg, tiny_bridge)
+        assert str(info.value).startswith("saes.pretrained_sae_paths: ") and wanted in str(info.value)
+        assert "\n" not in str(info.value)

@@ -121,11 +121,11 @@ def test_frontiers_that_do_not_overlap_are_inconclusive_and_say_what_to_run():
     assert L0_RATIO not in result.estimates and CE_DIFFERENCE not in result.estimates
     assert "inconclusive" in result.text
     assert "share no CE-loss increase" in result.text and "share no L0 range" in result.text
-    # local's CE increase is the higher: lower local's coefficient (L0 above its max), or raise e2e's
+    # local's CE increase is the higher: local at higher L0 (above its max), or e2e at lower L0
     max_local = max(p.means()[0] for p in base)
     min_e2e, max_e2e = min(p.means()[0] for p in arm), max(p.means()[0] for p in arm)
     assert (
-        f"lower local's sparsity coefficient (L0 targets above {max_local:.3g}) or raise e2e's (L0 targets below {min_e2e:.3g})"
+        f"aim local at higher L0 (targets above {max_local:.3g}) or e2e at lower L0 (targets below {min_e2e:.3g})"
         in result.text
     )
     assert f"add L0 targets between {max_local:.3g} and {min_e2e:.3g} for both arms" in result.text  # the gap
@@ -143,10 +143,7 @@ def test_the_advice_reads_the_frontiers_not_dominated_trials():
     base = [_plain(10, 0.2), _plain(100, 0.1), _plain(200, 0.5)]
     arm = [_plain(5, 0.4), _plain(50, 0.3)]
     result = compare("e2e", "local", arm, base, n_bootstrap=50)
-    assert (
-        "lower e2e's sparsity coefficient (L0 targets above 50) or raise local's (L0 targets below 10)"
-        in result.text
-    )
+    assert "aim e2e at higher L0 (targets above 50) or local at lower L0 (targets below 10)" in result.text
     assert "local's L0 10-100 at 0.1-0.2" in result.text
 
 
