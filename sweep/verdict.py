@@ -295,7 +295,8 @@ def _explain(
             f"{better} at lower L0 (targets below {better_pts[:, 0].min():.3g}) until their CE-loss increases overlap"
         )
     if l0_shared is None and len(fa) and len(fb):
-        result.problems.append(f"the frontiers share no L0 range ({ranges})")
+        said = ce_shared is None  # the ranges are in the sentence before
+        result.problems.append(f"the frontiers share no L0 range{'' if said else f' ({ranges})'}")
         low, high = (fa, fb) if fa[:, 0].max() < fb[:, 0].min() else (fb, fa)
         result.next_steps.append(
             f"add L0 targets between {low[:, 0].max():.3g} and {high[:, 0].min():.3g} for both arms"

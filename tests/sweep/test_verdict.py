@@ -121,6 +121,7 @@ def test_frontiers_that_do_not_overlap_are_inconclusive_and_say_what_to_run():
     assert L0_RATIO not in result.estimates and CE_DIFFERENCE not in result.estimates
     assert "inconclusive" in result.text
     assert "share no CE-loss increase" in result.text and "share no L0 range" in result.text
+    assert result.text.count("frontier spans L0") == 1  # the ranges once, not for each axis
     # local's CE increase is the higher: local at higher L0 (above its max), or e2e at lower L0
     max_local = max(p.means()[0] for p in base)
     min_e2e, max_e2e = min(p.means()[0] for p in arm), max(p.means()[0] for p in arm)
