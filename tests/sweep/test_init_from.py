@@ -273,6 +273,26 @@ def ray_cluster():
     ray.shutdown()
 
 
+def _grid_sweep_with_fine_tune(name: str, tmp_path, base: dict, fine_tune_first: bool = False) -> dict:
+    """A search space: arm `local` on a 2-point grid of sparsity coefficients, and arm `ft`
+    fine-tuning every finished local trial for 16 sequences."""
+    local = {
+        "loss": LOCAL_LOSS,
+        "search": {"loss.sparsity.coeff": {"type": "categorical", "values": [0.01, 1.0]}},
+    }
+    ft = {"init_from": {"arm": "local", "select": "all"}, "loss": FT_LOSS, "set": {"n_samples": 16}}
+    arms = {"ft": ft, "local": local} if fine_tune_first else {"local": local, "ft": ft}
+    return {
+        "name": name,
+        "storage_path": str(tmp_path / "sweeps"),
+        "num_samples": 2,
+        "sampler": "grid",
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "base_config": base,
+        "arms": arms,
+    }
+
+
 def test_fine_tune_trials_start_at_their_sources_saes_and_survive_a_rerun(
     ray_cluster, tiny_model_dir, corpus_dir, tiny_bridge, tmp_path, capsys
 ):
@@ -285,21 +305,8 @@ def test_fine_tune_trials_start_at_their_sources_saes_and_survive_a_rerun(
 
     base = tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, n_samples=32)
     del base["loss"]
-    tree = {
-        "name": "ft",
-        "storage_path": str(tmp_path / "sweeps"),
-        "num_samples": 2,
-        "sampler": "grid",
-        "resources": {"num_workers": 1, "cpus_per_worker": 1},
-        "base_config": base,
-        "arms": {
-            "ft": {"init_from": {"arm": "local", "select": "all"}, "loss": FT_LOSS, "set": {"n_samples": 16}},
-            "local": {
-                "loss": LOCAL_LOSS,
-                "search": {"loss.sparsity.coeff": {"type": "categorical", "values": [0.01, 1.0]}},
-            },
-        },
-    }
+    # the fine-tune arm first in the file: the sweep still runs its source first
+    tree = _grid_sweep_with_fine_tune("ft", tmp_path, base, fine_tune_first=True)
     path = write(tmp_path, tree)
     assert run_main([str(path)]) == 0
     out = capsys.readouterr().out
@@ -375,21 +382,7 @@ def test_a_sweep_killed_in_its_fine_tune_arm_resumes_it_from_the_same_sources(
 
     base = tiny_train_config(tiny_model_dir, corpus_dir, tmp_path, n_samples=32)
     del base["loss"]
-    tree = {
-        "name": "killed",
-        "storage_path": str(tmp_path / "sweeps"),
-        "num_samples": 2,
-        "sampler": "grid",
-        "resources": {"num_workers": 1, "cpus_per_worker": 1},
-        "base_config": base,
-        "arms": {
-            "local": {
-                "loss": LOCAL_LOSS,
-                "search": {"loss.sparsity.coeff": {"type": "categorical", "values": [0.01, 1.0]}},
-            },
-            "ft": {"init_from": {"arm": "local", "select": "all"}, "loss": FT_LOSS, "set": {"n_samples": 16}},
-        },
-    }
+    tree = _grid_sweep_with_fine_tune("killed", tmp_path, base)
     path = write(tmp_path, tree)
     sweep_dir = tmp_path / "sweeps" / "killed"
     tag = uuid.uuid4().hex
