@@ -60,8 +60,49 @@ it): what the run computed itself is the difference."""
 COST_DEVICE_SECONDS = "cost/device_seconds"
 """Wall seconds of the training loop (over every resume) x the number of devices (DDP ranks);
 periodic evals and checkpoints inside the loop included, model loading and the final eval not."""
-COST_METRICS = (COST_TRAIN_FLOPS, COST_CACHED_MODEL_FLOPS, COST_DEVICE_SECONDS)
-"""Costs, which add up: a point of `seeds: N` replicates costs their sum, not their mean."""
+TIME = "time"
+"""Prefix of where a run's wall seconds went, by phase (final metrics only; rank 0's clock;
+summed over resumes; `sparsify.training.phases`)."""
+TIME_MODEL_LOAD_S = "time/model_load_s"
+"""Loading the frozen model (imports on first use included) and building the SAEs."""
+TIME_DATA_S = "time/data_s"
+"""The data checks before training and the batch stream's start: token stream, the activation
+cache (built or opened), the data-mean decoder-bias init."""
+TIME_TRAIN_STEPS_S = "time/train_steps_s"
+"""The training loop without the evals, alive counts and checkpoints inside it: forward,
+backward, optimizer steps, reading batches and logging."""
+TIME_EVAL_S = "time/eval_s"
+"""Held-out evals (periodic and final), without their alive counts."""
+TIME_ALIVE_S = "time/alive_s"
+"""Counting alive dictionary elements over `act_frequency_n_tokens` eval tokens."""
+TIME_SAVE_S = "time/save_s"
+"""Writing checkpoints and the run folder."""
+TIME_METRICS = (TIME_MODEL_LOAD_S, TIME_DATA_S, TIME_TRAIN_STEPS_S, TIME_EVAL_S, TIME_ALIVE_S, TIME_SAVE_S)
+
+TIME_FIT_START_S = "time/fit_start_s"
+"""Sweep trials: from the trial building its `TorchTrainer` to rank 0's worker function
+starting (Ray Train's controller and worker group, the worker's imports, the process group)."""
+TIME_WORKER_PROCESS_S = "time/worker_process_s"
+"""Sweep trials: from rank 0's worker process starting to its worker function starting (Ray's
+worker start-up and the imports of unpickling the function; a pooled process's idle time too)."""
+TIME_WORKER_FN_S = "time/worker_fn_s"
+"""Sweep trials: rank 0's worker function, start to return (the `train` phases and what lies
+between them: the final save, tracker, config, environment)."""
+TIME_FIT_END_S = "time/fit_end_s"
+"""Sweep trials: from rank 0's worker function returning to `TorchTrainer.fit()` returning."""
+FIT_TIME_METRICS = (TIME_FIT_START_S, TIME_WORKER_PROCESS_S, TIME_WORKER_FN_S, TIME_FIT_END_S)
+"""Where a sweep trial's `TorchTrainer.fit()` spent its wall time, from wall-clock stamps of
+the trial and its rank-0 worker (`sweep.cost.fit_times`)."""
+
+COST_METRICS = (
+    COST_TRAIN_FLOPS,
+    COST_CACHED_MODEL_FLOPS,
+    COST_DEVICE_SECONDS,
+    *TIME_METRICS,
+    *FIT_TIME_METRICS,
+)
+"""Costs, which add up: a point of `seeds: N` replicates costs their sum, not their mean (the
+time a point's trainings spent in each phase too)."""
 
 
 def prefixed(split: str, name: str) -> str:

@@ -8,7 +8,8 @@ its source's: a trial's total cost = its own + its source's total, following the
 source record (or one without a recorded cost) leaves the total at the own cost, and the
 `cost_note` says so.
 
-The report's "Cost" section (`CostView.section`): per arm, the trials and their summed total costs;
+The report's "Cost" section (`CostView.section`): per arm, the trials and their summed total costs,
+and the fraction of the finished trials' wall time spent in training steps (`train_time_fractions`);
 the compute view (`plot_compute`, `report/compute.png`): each finished point's CE-loss increase
 against its total training FLOPs, L0 annotated; and each arm's CE-loss increase at one L0
 matched across arms (interpolated on every arm's frontier, linear in log L0, inside the L0 range
@@ -30,9 +31,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sparsify import atomic_write_with
-from sparsify.metric_names import COST_DEVICE_SECONDS, COST_TRAIN_FLOPS, EVAL_CE_LOSS_INCREASE, EVAL_L0
+from sparsify.metric_names import (
+    COST_DEVICE_SECONDS,
+    COST_TRAIN_FLOPS,
+    EVAL_CE_LOSS_INCREASE,
+    EVAL_L0,
+    TIME_TRAIN_STEPS_S,
+)
 from sweep.pareto import frontier_arrays, y_at_x
-from sweep.records import TrialRecord
+from sweep.records import FINISHED, TrialRecord
 
 COMPUTE_PLOT = "compute.png"
 OWN_FLOPS, OWN_SECONDS = "own_train_flops", "own_device_seconds"
@@ -137,6 +144,61 @@ def arm_costs(costs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["arm", "trials", "trials_with_cost", TOTAL_FLOPS, TOTAL_SECONDS])
 
 
+TRAIN_TIME_COLUMNS = (
+    "arm",
+    "trials",
+    "train_steps_s",
+    "wall_time_s",
+    "train_fraction",
+    "from_device_seconds",
+)
+
+
+def train_time_fractions(records: Sequence[TrialRecord]) -> pd.DataFrame:
+    """Per arm, how much of its finished trials' wall time went into training steps.
+
+    A trial's training seconds are its `time/train_steps_s` (rank 0's wall seconds of the
+    training loop without its evals, alive counts and checkpoints; summed over replicates and
+    resumes); a record without it (written before it existed) counts its `cost/device_seconds`
+    instead (the loop's wall seconds x ranks, in-loop evals included). Its wall time is the
+    record's `wall_time_s` (the trial function's clock: Ray Train's start and end, model
+    loading, data, training, evals, saving; not the Tune actor's start). A fine-tuned trial
+    counts its own time only, not its source's.
+
+    Returns:
+        One row per arm with a finished trial, columns `TRAIN_TIME_COLUMNS`: `trials` (finished
+        ones with both times), the sums of their training and wall seconds, `train_fraction`
+        (their ratio) and `from_device_seconds` (how many of them counted `cost/device_seconds`).
+    """
+    rows = []
+    for arm in sorted({r.arm for r in records}):
+        steps = wall = 0.0
+        trials = from_device = 0
+        for record in records:
+            wall_s = record.wall_time_s
+            if record.arm != arm or record.status != FINISHED or not _positive(wall_s):
+                continue
+            seconds = _number(record.metrics, TIME_TRAIN_STEPS_S)
+            if math.isnan(seconds):
+                seconds = _number(record.metrics, COST_DEVICE_SECONDS)
+                from_device += not math.isnan(seconds)
+            if math.isnan(seconds):
+                continue
+            steps, wall, trials = steps + seconds, wall + float(wall_s or 0.0), trials + 1
+        if trials:
+            rows.append({
+                "arm": arm, "trials": trials, "train_steps_s": steps, "wall_time_s": wall,
+                "train_fraction": steps / wall, "from_device_seconds": from_device,
+            })  # fmt: skip
+    return pd.DataFrame(rows, columns=list(TRAIN_TIME_COLUMNS))
+
+
+def _positive(value: Any) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+
+
 def compute_points(done: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
     """The finished trials (`sweep.results.finished`) with their total training FLOPs and
     device-seconds (`trial_costs`) joined on arm and trial id; trials without a cost dropped."""
@@ -221,6 +283,8 @@ class CostView:
     points with their total FLOPs (`compute_points`) and the matched-L0 table (`matched_table`)."""
 
     costs: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(COST_COLUMNS)))
+    train_time: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(TRAIN_TIME_COLUMNS)))
+    """Per arm, the fraction of its trials' wall time spent in training steps (`train_time_fractions`)."""
     points: pd.DataFrame = field(default_factory=pd.DataFrame)
     matched: pd.DataFrame = field(default_factory=pd.DataFrame)
     arms: list[str] = field(default_factory=list)
@@ -236,7 +300,9 @@ class CostView:
         """The view of a sweep's `records`, its finished trials `done` and L0 frontiers `fronts`."""
         costs = trial_costs(records)
         points = compute_points(done, costs)
-        return cls(costs, points, matched_table(points, fronts, arms), list(arms))
+        return cls(
+            costs, train_time_fractions(records), points, matched_table(points, fronts, arms), list(arms)
+        )
 
     def plot(self, path: Path) -> None:
         """Write the compute view's plot (`plot_compute`)."""
@@ -248,6 +314,7 @@ class CostView:
         notes = self.costs[self.costs["cost_note"] != ""]
         return {
             "per_arm": arm_costs(self.costs).to_dict(orient="records"),
+            "train_time": self.train_time.to_dict(orient="records"),
             "matched": self.matched.to_dict(orient="records"),
             "notes": [f"{r.arm}/{r.trial_id}: {r.cost_note}" for r in notes.itertuples()],
         }
@@ -268,6 +335,7 @@ class CostView:
         headers = ["arm", "trials", "trials with cost", "total training FLOPs", "total device-seconds"]
         lines.append(table(arm_costs(self.costs), headers))
         lines += [f"\n- {note}" for note in self.to_json()["notes"]]
+        lines.append(self._train_time_text(table))
         lines.append("\n\n### Compute view\n\n")
         lines.append(
             f"![CE loss increase vs training FLOPs]({COMPUTE_PLOT})\n\n" if plots else no_plot + "\n"
@@ -281,3 +349,30 @@ class CostView:
         )
         headers = ["arm", "L0", "CE increase (nats/token)", "mean training FLOPs per trial"]
         return "".join(lines) + table(self.matched, headers)
+
+    def _train_time_text(self, table: Callable[[pd.DataFrame, Sequence[str]], str]) -> str:
+        """The "Time in training steps" part of the section (`train_time_fractions`)."""
+        if self.train_time.empty:
+            return ""
+        older = int(self.train_time["from_device_seconds"].sum())
+        text = (
+            "\n\n### Time in training steps\n\n"
+            "Per arm, the sum of its finished trials' `time/train_steps_s` (wall seconds of the training "
+            "loop without its evals, alive counts and checkpoints) over the sum of their records' "
+            "`wall_time_s` (the trial function's clock: Ray Train's start and end, model loading, data, "
+            "training, evals, saving). The rest is the fixed cost of a trial.\n\n"
+        )
+        if older:
+            text += (
+                f"{older} older trial(s) recorded no `time/train_steps_s`: they count `cost/device_seconds` "
+                "(the loop's wall seconds x ranks, in-loop evals included).\n\n"
+            )
+        shown = self.train_time.drop(columns=["from_device_seconds"])
+        headers = [
+            "arm",
+            "finished trials",
+            "training-step seconds",
+            "wall seconds",
+            "fraction in training steps",
+        ]
+        return text + table(shown, headers).rstrip("\n")

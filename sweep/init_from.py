@@ -23,7 +23,7 @@ from typing import Any
 from sparsify import SparsifyError, TrainConfig, validate_config
 from sparsify.metric_names import EVAL_CE_LOSS_INCREASE, EVAL_L0
 from sweep.pareto import non_dominated
-from sweep.records import FINISHED, TrialRecord, read_trial_record
+from sweep.records import FINISHED, SweepDir, TrialRecord, read_trial_record
 from sweep.results import finished, load_records, results_table
 from sweep.space import LoadedSpace, SearchSpace
 
@@ -62,7 +62,7 @@ class FineTuneStart:
 
 
 def select_sources(
-    space: SearchSpace, sweep_dir: str | Path, arm_name: str, num_samples: int
+    space: SearchSpace, sweep_dir: SweepDir, arm_name: str, num_samples: int
 ) -> list[TrialRecord]:
     """The source trials a fine-tune arm starts from (one trial each), read from the records.
 
@@ -98,7 +98,7 @@ def spread(n: int, k: int) -> list[int]:
 
 
 def fine_tune_start(
-    sweep_dir: str | Path, arm: str, source_arm: str, source_trial: str, strict: bool = True
+    sweep_dir: SweepDir, arm: str, source_arm: str, source_trial: str, strict: bool = True
 ) -> FineTuneStart:
     """The start of a fine-tune trial of `arm` whose source is `source_trial` of `source_arm`.
 

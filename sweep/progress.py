@@ -8,14 +8,13 @@ read from the trial records (`sweep.results`), so it shows exactly what the repo
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from sparsify.metric_names import EVAL_CE_LOSS_INCREASE, EVAL_L0
 from sweep.pareto import non_dominated
-from sweep.records import ENDED_STATUSES, INTERRUPTED
+from sweep.records import ENDED_STATUSES, INTERRUPTED, SweepDir
 from sweep.results import finished, load_results
 
 FRONTIER_POINTS_SHOWN = 4
@@ -54,7 +53,7 @@ def progress_line(table: pd.DataFrame, arm: str, num_samples: int, running: int)
     return line
 
 
-def make_progress_callback(sweep_dir: Path, arm: str, num_samples: int) -> Any:
+def make_progress_callback(sweep_dir: SweepDir, arm: str, num_samples: int) -> Any:
     """The Ray Tune callback printing `progress_line` whenever a trial of `arm` ends.
 
     Every ended trial has a record by then: Tune calls `sweep.tuner.TrialRecordCallback`

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from sparsify import atomic_write_text, redact
+from sparsify import redact
+from sweep.storage import SweepStore, as_store
 
 logger = logging.getLogger(__name__)
 
@@ -208,11 +209,28 @@ def _replicate(entry: Any, index: int) -> dict[str, Any]:
     }
 
 
-def trial_record_path(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> Path:
-    """The one place a trial record's path is built.
+SweepDir = str | os.PathLike[str] | SweepStore
+"""A sweep folder: a local path, or its `sweep.storage.SweepStore` (local or on object storage)."""
+
+
+def trial_record_rel(arm: str, trial_id: str) -> str:
+    """A trial record's path relative to the sweep folder: `trials/<arm>/<trial_id>.json`.
+
+    Raises:
+        ValueError: If `arm` or `trial_id` is empty, contains a path separator or starts
+            with "." (such names would escape the folder or look like temp files).
+    """
+    for what, name in (("arm", arm), ("trial_id", trial_id)):
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"{what} must be a plain name without '/' or a leading '.' (got {name!r})")
+    return f"{TRIALS_DIR}/{arm}/{trial_id}.json"
+
+
+def trial_record_path(sweep_dir: SweepDir, arm: str, trial_id: str) -> Path:
+    """The one place a trial record's local path is built (in a remote sweep's local mirror).
 
     Args:
-        sweep_dir: The sweep's folder.
+        sweep_dir: The sweep's folder or store.
         arm: The arm (SAE type) the trial belongs to, e.g. "local" or "e2e".
         trial_id: The trial's id, e.g. "local_00003".
 
@@ -223,20 +241,18 @@ def trial_record_path(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str
         ValueError: If `arm` or `trial_id` is empty, contains a path separator or starts
             with "." (such names would escape the folder or look like temp files).
     """
-    for what, name in (("arm", arm), ("trial_id", trial_id)):
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise ValueError(f"{what} must be a plain name without '/' or a leading '.' (got {name!r})")
-    return Path(sweep_dir) / TRIALS_DIR / arm / f"{trial_id}.json"
+    return as_store(sweep_dir).local / trial_record_rel(arm, trial_id)
 
 
-def write_trial_record(sweep_dir: str | os.PathLike[str], record: TrialRecord | Mapping[str, Any]) -> Path:
-    """Write one trial record atomically (temp file in the same folder, then `os.replace`).
+def write_trial_record(sweep_dir: SweepDir, record: TrialRecord | Mapping[str, Any]) -> Path:
+    """Write one trial record atomically (temp file in the same folder, then `os.replace`; on
+    object storage, then one whole object: `SweepStore.write_bytes`).
 
-    A crash mid-write leaves at most a temp file whose name starts with ".", which
-    `sweep.results.load_results` ignores; a reader never sees half a record.
+    A crash mid-write leaves at most a temp file (or temp object) whose name starts with ".",
+    which `sweep.results.load_results` ignores; a reader never sees half a record.
 
     Args:
-        sweep_dir: The sweep's folder.
+        sweep_dir: The sweep's folder or store.
         record: The record, or its JSON object (checked with `TrialRecord.from_json`).
 
     Returns:
@@ -248,20 +264,18 @@ def write_trial_record(sweep_dir: str | os.PathLike[str], record: TrialRecord | 
     """
     if not isinstance(record, TrialRecord):
         record = TrialRecord.from_json(record)
-    path = trial_record_path(sweep_dir, record.arm, record.trial_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # error messages may quote user input or exceptions: no secret reaches the sweep folder
-    atomic_write_text(path, redact(json.dumps(record.to_json(), indent=2, sort_keys=True)) + "\n")
-    return path
+    text = redact(json.dumps(record.to_json(), indent=2, sort_keys=True)) + "\n"
+    return as_store(sweep_dir).write_bytes(trial_record_rel(record.arm, record.trial_id), text.encode())
 
 
-def read_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> TrialRecord | None:
+def read_trial_record(sweep_dir: SweepDir, arm: str, trial_id: str) -> TrialRecord | None:
     """One trial's stored record, or None when it has none (or an unusable one, with a warning).
 
     Raises:
         ValueError: If `arm` or `trial_id` is not a plain name (see `trial_record_path`).
     """
-    path = trial_record_path(sweep_dir, arm, trial_id)
+    path = _pulled_record(sweep_dir, arm, trial_id)
     data = load_record_json(path)
     if data is None:
         return None
@@ -272,15 +286,22 @@ def read_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str
         return None
 
 
-def has_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> bool:
+def _pulled_record(sweep_dir: SweepDir, arm: str, trial_id: str) -> Path:
+    """The record's local path, after fetching the current one from object storage."""
+    store = as_store(sweep_dir)
+    store.pull(trial_record_rel(arm, trial_id))
+    return trial_record_path(store, arm, trial_id)
+
+
+def has_trial_record(sweep_dir: SweepDir, arm: str, trial_id: str) -> bool:
     """Whether the trial has a record file (readable or not: it ended, and said so)."""
-    return trial_record_path(sweep_dir, arm, trial_id).exists()
+    return _pulled_record(sweep_dir, arm, trial_id).exists()
 
 
-def has_final_trial_record(sweep_dir: str | os.PathLike[str], arm: str, trial_id: str) -> bool:
+def has_final_trial_record(sweep_dir: SweepDir, arm: str, trial_id: str) -> bool:
     """Whether the trial has a record file that says it ended: any record but an `interrupted`
     one (an unreadable file counts as final: something ended it, and it is not overwritten)."""
-    path = trial_record_path(sweep_dir, arm, trial_id)
+    path = _pulled_record(sweep_dir, arm, trial_id)
     if not path.exists():
         return False
     data = load_record_json(path)

@@ -41,9 +41,10 @@ from sweep import cost
 from sweep.baseline import baseline_arm
 from sweep.bootstrap import points_from_records
 from sweep.pareto import frontiers, hypervolume_2d, l0_ratio_at_matched_ce, shared_reference_point
-from sweep.records import FINISHED, STATUSES
+from sweep.records import FINISHED, STATUSES, TRIALS_DIR, SweepDir
 from sweep.results import PARAM_PREFIX, finished, load_records, results_table
 from sweep.space import SPACE_RECORD
+from sweep.storage import SweepStore, as_store, child_uri
 from sweep.verdict import METHOD, Comparison, compare
 
 logger = logging.getLogger(__name__)
@@ -229,11 +230,13 @@ class _Results:
     """What each trial and arm cost, and the compute view (`sweep.cost`)."""
 
 
-def recorded_baseline(sweep_dir: Path) -> tuple[str | None, str]:
+def recorded_baseline(sweep_dir: SweepDir) -> tuple[str | None, str]:
     """The baseline arm of the search space recorded in the sweep folder (`SPACE_RECORD`), and
     a note saying where it came from or why there is none."""
-    path = sweep_dir / SPACE_RECORD
+    store = as_store(sweep_dir)
+    path = store.local / SPACE_RECORD
     try:
+        store.pull(SPACE_RECORD)
         space = json.loads(path.read_text(encoding="utf-8"))["space"]
         arms = space["arms"]
         losses = {name: arm.get("loss") or {} for name, arm in arms.items()}
@@ -252,19 +255,19 @@ def recorded_baseline(sweep_dir: Path) -> tuple[str | None, str]:
     return baseline, how
 
 
-def _load(sweep_dir: Path, baseline: str | None = None) -> _Results:
+def _load(sweep_dir: SweepStore, baseline: str | None = None) -> _Results:
     """Read a sweep's trial records (nothing is written) and compare every arm with the baseline.
 
     Raises:
         ReportError: If the folder does not exist or holds no readable trial record, or
             `baseline` is not one of its arms.
     """
-    if not sweep_dir.is_dir():
+    if not sweep_dir.exists():
         raise ReportError(f"sweep folder not found: {sweep_dir}")
     records = load_records(sweep_dir)  # read once: the table and the verdict's points
     df = results_table(records)
     if df.empty:
-        raise ReportError(f"no trial records under {sweep_dir / 'trials'}")
+        raise ReportError(f"no trial records under {child_uri(sweep_dir.uri, TRIALS_DIR)}")
     for column in (EVAL_L0, EVAL_ALIVE, EVAL_CE_LOSS_INCREASE):
         if column not in df.columns:
             df[column] = float("nan")
@@ -363,10 +366,10 @@ def _finite_or_null(value: Any) -> Any:
 NO_PLOT = "(No plot in a printed report: `python -m sweep.report <sweep folder> --out DIR` draws it.)\n"
 
 
-def _markdown(sweep_dir: Path, results: _Results, plots: bool) -> str:
+def _markdown(sweep_dir: SweepStore, results: _Results, plots: bool) -> str:
     """The markdown report; `plots`: it sits beside the PNGs (else it says where to get them)."""
     df, arms, fronts = results.df, results.arms, results.fronts
-    name = sweep_dir.resolve().name
+    name = sweep_dir.name
     sections = [
         f"# Sweep report: {name}\n\n{len(df)} trials in `{sweep_dir}`; frontiers use finished trials only.\n",
         _verdict_section(results),
@@ -384,7 +387,7 @@ def _markdown(sweep_dir: Path, results: _Results, plots: bool) -> str:
     return "\n".join(sections)
 
 
-def report_text(sweep_dir: str | os.PathLike[str], baseline: str | None = None) -> str:
+def report_text(sweep_dir: SweepDir, baseline: str | None = None) -> str:
     """The markdown report of a sweep, without plots, writing nothing (e.g. for a sweep on
     read-only storage).
 
@@ -392,21 +395,22 @@ def report_text(sweep_dir: str | os.PathLike[str], baseline: str | None = None) 
         ReportError: If the folder does not exist or holds no readable trial record, or
             `baseline` is not an arm.
     """
-    sweep_dir = Path(sweep_dir)
-    return _markdown(sweep_dir, _load(sweep_dir, baseline), plots=False)
+    store = as_store(sweep_dir)
+    return _markdown(store, _load(store, baseline), plots=False)
 
 
 def build_report(
-    sweep_dir: str | os.PathLike[str],
+    sweep_dir: SweepDir,
     out_dir: str | os.PathLike[str] | None = None,
     baseline: str | None = None,
 ) -> Path:
     """Write the CSVs, plots, `verdict.json` and markdown report of a sweep (docs/design.md §8).
 
     Args:
-        sweep_dir: The sweep's folder (holding `trials/<arm>/<trial_id>.json`); only read.
+        sweep_dir: The sweep's folder or `SweepStore` (holding `trials/<arm>/<trial_id>.json`);
+            only read.
         out_dir: Where to write the report (created if missing); by default
-            `<sweep_dir>/report`.
+            `<sweep_dir>/report` (on object storage: written in the local mirror, then uploaded).
         baseline: The arm the verdict compares every other arm with; by default the recorded
             search space's (`SearchSpace.baseline_arm`).
 
@@ -418,9 +422,9 @@ def build_report(
         StorageError: If the report folder cannot be written (read-only, full, ...): checked
             before anything is written; `filename` is the folder, or the file that failed.
     """
-    sweep_dir = Path(sweep_dir)
-    results = _load(sweep_dir, baseline)
-    out = sweep_dir / REPORT_DIR if out_dir is None else Path(out_dir)
+    store = as_store(sweep_dir)
+    results = _load(store, baseline)
+    out = store.local / REPORT_DIR if out_dir is None else Path(out_dir)
     make_folders(out)
     check_writable(out)
     _write_csv(out / "trials.csv", results.df)
@@ -440,7 +444,9 @@ def build_report(
         json.dumps(_finite_or_null(verdict_json(results)), indent=2, allow_nan=False) + "\n",
     )
     report_path = out / "report.md"
-    _write_text(report_path, _markdown(sweep_dir, results, plots=True))
+    _write_text(report_path, _markdown(store, results, plots=True))
+    if out_dir is None:
+        store.push_tree(REPORT_DIR)
     logger.info("wrote report %s", report_path)
     return report_path
 
@@ -458,7 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sweep.report", description=(__doc__ or "").splitlines()[0]
     )
-    parser.add_argument("sweep_dir", type=Path, help="the sweep's folder (holding trials/); only read")
+    parser.add_argument(
+        "sweep_dir", help="the sweep's folder (holding trials/), or its URI (s3://...); only read"
+    )
     parser.add_argument(
         "--out",
         metavar="DIR",
@@ -472,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    out = args.sweep_dir / REPORT_DIR if args.out is None else Path(args.out)
+    out = as_store(args.sweep_dir).local / REPORT_DIR if args.out is None else Path(args.out)
     try:
         if args.out == STDOUT:
             sys.stdout.write(report_text(args.sweep_dir, args.baseline))

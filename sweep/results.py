@@ -10,7 +10,6 @@ may be built from. Torch-free and Ray-free on purpose.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from sparsify.metric_names import DEFAULT_OBJECTIVES
-from sweep.records import FINISHED, TRIALS_DIR, TrialRecord, load_record_json
+from sweep.records import FINISHED, TRIALS_DIR, SweepDir, TrialRecord, load_record_json
+from sweep.storage import as_store
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,10 @@ def _row(record: TrialRecord) -> dict[str, Any]:
     return row
 
 
-def load_records(sweep_dir: str | os.PathLike[str]) -> list[TrialRecord]:
+def load_records(sweep_dir: SweepDir) -> list[TrialRecord]:
     """Every usable stored trial record of a sweep, whole (with `eval_per_sequence` and
-    `replicates`), sorted by arm then trial_id.
+    `replicates`), sorted by arm then trial_id. On object storage, the records are fetched into
+    the local mirror first (only those that changed).
 
     The same files as `load_results`: names starting with "." (temp files of an interrupted
     write) are ignored; unreadable or corrupt records are skipped with a logged warning.
@@ -64,9 +65,11 @@ def load_records(sweep_dir: str | os.PathLike[str]) -> list[TrialRecord]:
     Raises:
         FileNotFoundError: If `sweep_dir` does not exist or is not a folder.
     """
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep folder not found: {sweep_dir}")
+    store = as_store(sweep_dir)
+    if not store.exists():
+        raise FileNotFoundError(f"sweep folder not found: {store}")
+    store.pull_tree(TRIALS_DIR)
+    sweep_dir = store.local
     records = []
     for path in sorted((sweep_dir / TRIALS_DIR).glob("*/*.json")):
         if path.name.startswith(".") or not path.is_file():
@@ -77,7 +80,7 @@ def load_records(sweep_dir: str | os.PathLike[str]) -> list[TrialRecord]:
     return sorted(records, key=lambda r: (r.arm, r.trial_id))
 
 
-def load_results(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
+def load_results(sweep_dir: SweepDir) -> pd.DataFrame:
     """Read every stored trial record of a sweep into one table (records: `load_records`).
 
     Files whose names start with "." (temp files of an interrupted write) are ignored;

@@ -24,10 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sparsify import MissingPackageError, SparsifyError, atomic_write_text, load_env_file, redact
+from sparsify import MissingPackageError, SparsifyError, load_env_file, redact
 from sweep import interrupt
 from sweep.init_from import arm_order, select_sources
+from sweep.records import SweepDir
 from sweep.space import SPACE_RECORD, LoadedSpace, SearchSpace, describe_strategy, load_search_space
+from sweep.storage import SweepStore, as_store, child_uri, is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -44,30 +46,28 @@ RAY_ENV_DEFAULTS = {
 }
 
 
-def sweep_folder(storage_path: str, name: str) -> Path:
-    """The one place a sweep's folder path is built: storage_path / name (absolute).
+def sweep_folder(storage_path: str, name: str) -> SweepStore:
+    """The one place a sweep's folder is built: storage_path / name, as a `SweepStore`: an
+    absolute local folder, or a URI that `pyarrow.fs` resolves (`s3://bucket/prefix`, `gs://...`)
+    with `name` appended to its path (its query string, such as S3's `endpoint_override`, kept).
 
     Raises:
-        SparsifyError: for a URI (`s3://...`): trial records and SAE runs are written with local
-            file I/O, so on a cluster use a shared filesystem path (e.g. an NFS/EFS mount).
+        SparsifyError: a local storage_path (or the folder in it) that is a file.
     """
-    if "://" in storage_path:
-        raise SparsifyError(
-            f"storage_path: {storage_path!r} is a URI; use a local or shared-filesystem folder "
-            "(e.g. an EFS/NFS mount on every node)"
-        )
+    if is_uri(storage_path):
+        return SweepStore(child_uri(storage_path, name))
     storage = Path(storage_path).expanduser()
     for folder in (storage, storage / name):
         if folder.exists() and not folder.is_dir():
             raise SparsifyError(f"storage_path: {folder} is a file, not a folder")
-    return (storage / name).resolve()
+    return SweepStore(str((storage / name).resolve()))
 
 
 DRY_RUN_SHOWN = 20
 """Trials per arm a dry run prints."""
 
 
-def dry_run(loaded: LoadedSpace, num_samples: int, sweep_dir: Path | None = None) -> None:
+def dry_run(loaded: LoadedSpace, num_samples: int, sweep_dir: SweepStore | None = None) -> None:
     """Print every arm's fixed settings and `num_samples` sampled trial configs (validated); a
     fine-tune arm's (`init_from`) with its source arm's sample values, and the source trials it
     would start from now when `sweep_dir` already holds some."""
@@ -120,7 +120,9 @@ def dry_run(loaded: LoadedSpace, num_samples: int, sweep_dir: Path | None = None
             print(f"  ... and {num_samples - shown_trials} {more}")
 
 
-def _print_fine_tune(loaded: LoadedSpace, arm_name: str, num_samples: int, sweep_dir: Path | None) -> None:
+def _print_fine_tune(
+    loaded: LoadedSpace, arm_name: str, num_samples: int, sweep_dir: SweepStore | None
+) -> None:
     """The dry run of a fine-tune arm: where its trials start, and its config at the source
     arm's first sample values (its real trials take their sources' values)."""
     space = loaded.space
@@ -139,7 +141,7 @@ def _print_fine_tune(loaded: LoadedSpace, arm_name: str, num_samples: int, sweep
         f"  e.g. from a {init_from.arm} trial with {shown or 'no searched values'} | loss {terms} "
         f"| {cfg.n_samples} samples x {cfg.train_data.n_ctx} tokens | model {cfg.model_name}"
     )
-    if sweep_dir is None or not sweep_dir.is_dir():
+    if sweep_dir is None or not sweep_dir.exists():
         print(f"  sources: chosen once arm {init_from.arm} has run")
         return
     sources = select_sources(space, sweep_dir, arm_name, num_samples)
@@ -261,12 +263,13 @@ def _recorded_space(text: str) -> str | None:
     return json.dumps({"space": space, "base": recorded.get("base")}, sort_keys=True)
 
 
-def check_same_space(loaded: LoadedSpace, sweep_dir: Path) -> None:
+def check_same_space(loaded: LoadedSpace, sweep_dir: SweepDir) -> None:
     """A rerun resumes the sweep in its folder: refuse if the search space has changed since
     (its trials and Optuna studies belong to the old one); record it on the first run."""
+    sweep_dir = as_store(sweep_dir)
     current = json.dumps({"space": loaded.space.model_dump(mode="json"), "base": loaded.base}, sort_keys=True)
-    record = sweep_dir / SPACE_RECORD
-    if record.exists():
+    record = sweep_dir.local / SPACE_RECORD
+    if sweep_dir.pull(SPACE_RECORD):
         text = record.read_text()
         if text != current and _recorded_space(text) != current:
             raise SparsifyError(
@@ -274,7 +277,7 @@ def check_same_space(loaded: LoadedSpace, sweep_dir: Path) -> None:
                 "rename the sweep (name), pick another --storage, or delete that folder"
             )
         return
-    atomic_write_text(record, current)
+    sweep_dir.write_bytes(SPACE_RECORD, current.encode())
 
 
 SWEEP_PACKAGES = ("ray", "optuna", "pandas", "matplotlib")
@@ -300,8 +303,9 @@ def require_sweep_packages() -> None:
         )
 
 
-def run_sweep(loaded: LoadedSpace, sweep_dir: Path, num_samples: int) -> Path:
+def run_sweep(loaded: LoadedSpace, sweep_dir: SweepDir, num_samples: int) -> Path:
     """Run every arm's trials, then write and return the report (`sweep.report`)."""
+    sweep_dir = as_store(sweep_dir)
     require_sweep_packages()
     if not on_cluster():
         check_resources(loaded)
@@ -404,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
 
         check_sweep_storage(sweep_dir, "--storage" if args.storage else "storage_path")
         print(f"sweep folder: {sweep_dir}", flush=True)
-        print(f"TensorBoard: tensorboard --logdir {sweep_dir / 'runs'}", flush=True)
+        # on object storage each run folder is uploaded as its trial ends (TensorBoard reads s3:// with boto3)
+        runs = child_uri(sweep_dir.uri, "runs") if sweep_dir.remote else sweep_dir.local / "runs"
+        print(f"TensorBoard: tensorboard --logdir {runs}", flush=True)
         interrupt.new_sweep_run()
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, interrupt.stop_on_ctrl_c) if in_main_thread else None

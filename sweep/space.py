@@ -257,8 +257,10 @@ class SearchSpace(StrictModel):
     )
     max_concurrent_trials: int = Field(default=1, ge=1)
     storage_path: str = "sweeps"
-    """Local or shared-filesystem folder (relative to the working directory) for results; a URI
-    (`s3://...`) is refused for now."""
+    """Where results go: a local or shared-filesystem folder (relative to the working
+    directory), or a URI that `pyarrow.fs` resolves, as Ray uses (`s3://bucket/prefix`,
+    `gs://bucket/prefix`; for an S3-compatible server add `?endpoint_override=host:port&scheme=http`).
+    See `sweep.storage`."""
     seed: Seed = 0
     """Seeds the Optuna samplers."""
     sampler: Literal["tpe", "nsga2", "qmc", "random", "grid"] = "tpe"

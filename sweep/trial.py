@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 import ray.train
 import torch
@@ -44,7 +45,6 @@ from sparsify import (
     DivergedError,
     SparsifyError,
     TrainConfig,
-    atomic_write_text,
     load_env_file,
     quiet_library_progress_bars,
     redact,
@@ -53,17 +53,22 @@ from sparsify import (
     validate_config,
 )
 from sparsify import metric_names as names
+from sparsify.training.activation_cache import activations_dir
+from sparsify.training.build import run_dir_for
 from sweep.init_from import INIT_FROM_KEY, FineTuneStart, fine_tune_config, fine_tune_start
 from sweep.records import (
     DIVERGED,
     ERROR,
     FINISHED,
+    SweepDir,
     TrialRecord,
     load_record_json,
     read_trial_record,
     write_trial_record,
 )
 from sweep.space import LoadedSpace
+from sweep.storage import SweepStore, as_store
+from sweep.timing import fit_times
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +94,9 @@ def replicate_sae_run_name(trial_id: str, k: int) -> str:
     return trial_id + (f"_seed{k}" if k else "")
 
 
+TRAIN_RUNS_DIR = "ray_train"
+"""Ray Train's runs (checkpoints) under the sweep folder, one per replicate (`replicate_run_name`)."""
+
 REPLICATE_FILE = "replicate.json"
 """In a replicate's Ray Train run folder: its outcome once it finished or diverged
 (`{"seed", "status", "metrics", "eval_per_sequence", "error", "wall_time_s"}`), reused by a
@@ -102,6 +110,30 @@ Ray Train restarts ends the trial with it instead of training again (see `train_
 def sweep_runs_dir(sweep_dir: Path, arm: str) -> Path:
     """Where each trial's SAE run folder (weights, config, metrics) lives."""
     return sweep_dir / "runs" / arm
+
+
+ACTIVATION_CACHE_DIR = "activation_cache"
+"""In a sweep on object storage: the activation caches of its local trials
+(`sparsify.training.activation_cache`), shared by every node."""
+
+
+def _fetch_inputs(store: SweepStore, cfg: TrainConfig) -> None:
+    """On object storage, before a worker trains: fetch into this node's mirror the run
+    folders of the SAEs it starts from (a fine-tune's source), and the sweep's activation
+    caches into this node's cache folder when the trial's loss is local."""
+    if not store.remote:
+        return
+    for path in cfg.saes.pretrained_sae_paths or []:
+        if Path(path).is_relative_to(store.local):
+            store.pull_tree(Path(path).relative_to(store.local), delete=False)
+    if _may_use_activation_cache(cfg):
+        store.pull_tree(ACTIVATION_CACHE_DIR, delete=False, local_root=activations_dir())
+
+
+def _may_use_activation_cache(cfg: TrainConfig) -> bool:
+    """Whether the trial may read the activation cache (its loss needs neither the original
+    model nor the logits; `wants_activation_cache` decides the rest once the model is built)."""
+    return cfg.activation_cache != "off" and not cfg.loss.needs_original_model and not cfg.loss.needs_logits
 
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -121,16 +153,19 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         error to `config["user_error_file"]`, and the restarted group returns it at once,
         before it trains or loads anything.
     """
+    entered_at = time.time()  # wall clock: the trial compares it with its own (sweep.cost.fit_times)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    user_error = Path(config["user_error_file"])
-    if user_error.is_file():  # an earlier attempt of this fit hit a user error: it would again
-        return {"status": ERROR, "error": user_error.read_text(encoding="utf-8")}
+    store = as_store(config["sweep"])
+    user_error = config["user_error_file"]  # relative to the sweep folder
+    if store.pull(user_error):  # an earlier attempt of this fit hit a user error: it would again
+        return {"status": ERROR, "error": (store.local / user_error).read_text(encoding="utf-8")}
     if config.get("num_threads"):
         torch.set_num_threads(int(config["num_threads"]))
     quiet_library_progress_bars()
     load_env_file(config["env_file"])  # on a cluster node started by `ray start`, not our shell
     cfg = TrainConfig.model_validate(config["train_config"])
+    _fetch_inputs(store, cfg)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
@@ -147,6 +182,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
                 resume_from=resume_from,
             )
     except DivergedError as exc:
+        _push_outputs(store, cfg, rank)
         return {"status": DIVERGED, "error": str(exc)}
     except SparsifyError as exc:
         if exc.transient:
@@ -154,11 +190,28 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         if world_size > 1:
             # the others may wait in an all-reduce: raise to stop them, and leave the error
             # for the restarted group, which then ends the trial without training again
-            atomic_write_text(user_error, str(exc))
+            store.write_bytes(user_error, str(exc).encode())
             raise
         # the same config would fail the same way: end the trial now, one line, no retries
         return {"status": ERROR, "error": str(exc)}
-    return {"status": FINISHED, "metrics": result.metrics, "eval_per_sequence": result.eval_per_sequence}
+    _push_outputs(store, cfg, rank)
+    worker = {"process_started_at": psutil.Process().create_time(), "entered_at": entered_at,
+              "returned_at": time.time()}  # fmt: skip
+    return {"status": FINISHED, "metrics": result.metrics, "eval_per_sequence": result.eval_per_sequence,
+            "worker_clock": worker}  # fmt: skip
+
+
+def _push_outputs(store: SweepStore, cfg: TrainConfig, rank: int) -> None:
+    """On object storage, after a training ended: rank 0 uploads its run folder, and every rank
+    the activation caches it wrote (the trial's record, pushed after this, marks the folder
+    complete)."""
+    if not store.remote:
+        return
+    run_dir = run_dir_for(cfg)
+    if rank == 0 and run_dir is not None and run_dir.is_relative_to(store.local) and run_dir.is_dir():
+        store.push_tree(run_dir.relative_to(store.local))
+    if _may_use_activation_cache(cfg) and activations_dir().is_dir():
+        store.push_tree(ACTIVATION_CACHE_DIR, local_root=activations_dir())
 
 
 @contextmanager
@@ -268,7 +321,7 @@ def run_trial(tune_config: dict[str, Any], space: LoadedSpace, sweep_dir: str) -
 
 def trial_config(
     space: LoadedSpace,
-    sweep_dir: str,
+    sweep_dir: SweepDir,
     arm: str,
     params: dict[str, Any],
     fine_tune: FineTuneStart | None,
@@ -279,7 +332,9 @@ def trial_config(
     SAEs of the source's replicate `k` (its run folder `runs/<source arm>/<replicate k's name>`)."""
     if fine_tune is None:
         return space.trial_config(arm, params)
-    source_run = sweep_runs_dir(Path(sweep_dir), fine_tune.arm) / replicate_sae_run_name(fine_tune.trial, k)
+    source_run = sweep_runs_dir(as_store(sweep_dir).local, fine_tune.arm) / replicate_sae_run_name(
+        fine_tune.trial, k
+    )
     return fine_tune_config(space, arm, fine_tune, source_run)
 
 
@@ -333,14 +388,16 @@ def replicate_means(outcomes: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _replicate(
-    space: LoadedSpace, sweep_dir: str, arm: str, trial_id: str, cfg: TrainConfig, k: int
+    space: LoadedSpace, sweep_dir: SweepDir, arm: str, trial_id: str, cfg: TrainConfig, k: int
 ) -> dict[str, Any]:
     """Replicate `k` of a `seeds: N` trial: its stored outcome when it ended before
     (`REPLICATE_FILE`), else trained now and stored once it finished or diverged. Returns
     `{"seed", "status", "metrics", "eval_per_sequence", "error", "wall_time_s"}`."""
     seed = cfg.seed + k
-    stored_at = Path(sweep_dir) / "ray_train" / replicate_run_name(trial_id, k) / REPLICATE_FILE
-    stored = _read_replicate(stored_at, seed)
+    store = as_store(sweep_dir)
+    stored_rel = f"{TRAIN_RUNS_DIR}/{replicate_run_name(trial_id, k)}/{REPLICATE_FILE}"
+    store.pull(stored_rel)
+    stored = _read_replicate(store.local / stored_rel, seed)
     if stored is not None:
         logger.info("trial %s: replicate %d (seed %d) already %s; not trained again", trial_id, k, seed,
                     stored["status"])  # fmt: skip
@@ -357,7 +414,7 @@ def _replicate(
         "error": redact(outcome["error"]) if outcome.get("error") else None,
         "wall_time_s": time.perf_counter() - start,
     }
-    atomic_write_text(stored_at, json.dumps(replicate, sort_keys=True))
+    store.write_bytes(stored_rel, json.dumps(replicate, sort_keys=True).encode())
     return replicate
 
 
@@ -377,7 +434,7 @@ def _read_replicate(path: Path, seed: int) -> dict[str, Any] | None:
 
 def _fit(
     space: LoadedSpace,
-    sweep_dir: str,
+    sweep_dir: SweepDir,
     arm: str,
     trial_id: str,
     cfg: TrainConfig,
@@ -393,16 +450,17 @@ def _fit(
     Raises:
         TrialFailedError: the training failed (a user error, or crashes past `max_failures`).
     """
+    store = as_store(sweep_dir)
+    train_storage, train_filesystem = store.ray_storage(TRAIN_RUNS_DIR)
     cfg = cfg.model_copy(
         update={
-            "save_dir": str(sweep_runs_dir(Path(sweep_dir), arm)),
+            "save_dir": str(sweep_runs_dir(store.local, arm)),
             "run_name": replicate_sae_run_name(trial_id, k),
         }
     )
     train_name = replicate_run_name(trial_id, k)
-    train_run_dir = Path(sweep_dir) / "ray_train" / train_name
-    user_error = train_run_dir / USER_ERROR_FILE
-    user_error.unlink(missing_ok=True)  # from an earlier fit: the data may have been fixed since
+    user_error = f"{TRAIN_RUNS_DIR}/{train_name}/{USER_ERROR_FILE}"
+    store.delete(user_error)  # from an earlier fit: the data may have been fixed since
     resources = space.space.resources
     trainer = TorchTrainer(
         train_worker,
@@ -410,7 +468,8 @@ def _fit(
             "train_config": cfg.model_dump(mode="json"),
             "num_threads": max(1, int(resources.cpus_per_worker)),
             "env_file": str(Path.cwd() / ENV_FILE),  # the path only: secrets stay out of Ray's files
-            "user_error_file": str(user_error),
+            "sweep": store.uri,
+            "user_error_file": user_error,
         },
         torch_config=TorchConfig(backend="nccl" if resources.gpus_per_worker else "gloo", timeout_s=600),
         scaling_config=ScalingConfig(
@@ -423,13 +482,16 @@ def _fit(
         ),
         run_config=RunConfig(
             name=train_name,
-            storage_path=str(train_run_dir.parent),
+            # mid-trial checkpoints: Ray Train uploads them (object storage) or writes them here
+            storage_path=train_storage,
+            storage_filesystem=train_filesystem,
             # a crashed or lost worker: restart the group from the last checkpoint
             failure_config=FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[EvalReportCallback()] if forward_reports else [],
         ),
     )
+    fit_started_at = time.time()
     try:
         outcome = trainer.fit().return_value
     except ray.train.TrainingFailedError as exc:
@@ -439,6 +501,8 @@ def _fit(
         raise TrialFailedError(f"the training workers returned no outcome (got {outcome!r})")
     if outcome["status"] == ERROR:
         raise TrialFailedError(redact(outcome["error"]))
+    if "worker_clock" in outcome:  # where the fit's time went, besides training (time/ metrics)
+        outcome["metrics"].update(fit_times(fit_started_at, time.time(), outcome.pop("worker_clock")))
     return outcome
 
 

@@ -40,14 +40,20 @@ from sweep.records import (
     STOPPED,
     STOPPED_BY_ASHA,
     Status,
+    SweepDir,
     TrialRecord,
     has_final_trial_record,
     write_trial_record,
 )
 from sweep.space import Distribution, LoadedSpace
+from sweep.storage import SweepStore, as_store
 from sweep.trial import ARM_KEY, run_trial
 
 logger = logging.getLogger(__name__)
+
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+"""A resource only Ray's head node has (`ray._common.constants.HEAD_NODE_RESOURCE_NAME`):
+asking for a sliver of it places an actor there."""
 
 
 def to_tune(dist: Distribution) -> Any:
@@ -88,13 +94,23 @@ def optuna_sampler(name: str, seed: int, search: dict[str, Distribution] | None 
     return samplers[name]()
 
 
-def can_resume_arm(sweep_dir: Path, arm_name: str) -> bool:
+TUNE_DIR = "ray_tune"
+"""Ray Tune's experiments under the sweep folder, one per arm."""
+
+
+def optuna_journal(arm_name: str) -> str:
+    """An arm's Optuna journal, relative to the sweep folder."""
+    return f"optuna/{arm_name}.journal"
+
+
+def can_resume_arm(sweep_dir: SweepDir, arm_name: str) -> bool:
     """Whether an earlier run of the sweep left the arm's Tune experiment to resume."""
-    return tune.Tuner.can_restore(str(sweep_dir / "ray_tune" / arm_name))
+    path, filesystem = as_store(sweep_dir).ray_storage(f"{TUNE_DIR}/{arm_name}")
+    return tune.Tuner.can_restore(path, storage_filesystem=filesystem)
 
 
 def arm_tuner(
-    loaded: LoadedSpace, arm_name: str, sweep_dir: Path, num_samples: int, sources: Sequence[str] = ()
+    loaded: LoadedSpace, arm_name: str, sweep_dir: SweepDir, num_samples: int, sources: Sequence[str] = ()
 ) -> Any:
     """The Tuner of one arm: its own Optuna study (journal file under `optuna/`), resumed from
     the sweep folder when an earlier run of it was interrupted. A fine-tune arm (`init_from`)
@@ -104,7 +120,7 @@ def arm_tuner(
     Args:
         loaded: The validated search space.
         arm_name: The arm whose trials the Tuner runs.
-        sweep_dir: The sweep's folder (records, runs, Tune and Optuna state).
+        sweep_dir: The sweep's storage (records, runs, Tune and Optuna state).
         num_samples: The arm's trial budget.
         sources: A fine-tune arm's source trial ids (`sweep.init_from.select_sources`).
 
@@ -116,15 +132,24 @@ def arm_tuner(
             fine-tune arm without sources.
     """
     space = loaded.space
+    sweep_dir = as_store(sweep_dir)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, space=loaded, sweep_dir=str(sweep_dir)),
-        # the driver function holds (almost) nothing; the Train workers hold the CPUs/GPUs
-        {"cpu": 0, "memory": 2**20},
+        tune.with_parameters(run_trial, space=loaded, sweep_dir=sweep_dir.uri),
+        # the driver function holds (almost) nothing; the Train workers hold the CPUs/GPUs. It
+        # runs on the head node (as Ray Train's own PlacementGroupCleaner does): the trial's Train
+        # controller runs beside it, so a lost worker node then loses only Train workers, which
+        # Ray Train restarts from the last checkpoint; on that node it would error the trial
+        {"cpu": 0, "memory": 2**20, HEAD_NODE_RESOURCE: 0.001},
     )
-    experiment = sweep_dir / "ray_tune" / arm_name
+    # the driver keeps the journal and uploads it as trials end (JournalUpload): on a fresh
+    # driver machine, the bucket's copy is the study (docs/design.md §15)
+    sweep_dir.pull(optuna_journal(arm_name))
     if can_resume_arm(sweep_dir, arm_name):
+        experiment, filesystem = sweep_dir.ray_storage(f"{TUNE_DIR}/{arm_name}")
         logger.info("resuming arm %s from %s", arm_name, experiment)
-        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(
+            experiment, trainable=trainable, resume_errored=True, storage_filesystem=filesystem
+        )
     init_from = space.arms[arm_name].init_from
     if init_from is not None:
         if not sources:
@@ -134,9 +159,7 @@ def arm_tuner(
             param_space={ARM_KEY: arm_name, INIT_FROM_KEY: tune.grid_search(list(sources))},
             tune_samples=1, search_alg=None,
         )  # fmt: skip
-    journal = sweep_dir / "optuna" / f"{arm_name}.journal"
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+    storage = journal_storage(sweep_dir, arm_name)
     study = optuna.create_study(
         storage=storage,
         study_name=arm_name,
@@ -152,6 +175,7 @@ def arm_tuner(
         metric=space.metrics, mode=space.modes, sampler=sampler,
         storage=storage, study_name=arm_name, points_to_evaluate=space.arms[arm_name].initial_points or None,
     )  # fmt: skip
+    searcher.sweep_uri = sweep_dir.uri
     param_space = {ARM_KEY: arm_name, **{p: to_tune(d) for p, d in space.arms[arm_name].search.items()}}
     return _tuner(loaded, arm_name, sweep_dir, trainable, num_samples, param_space, num_samples, searcher)
 
@@ -159,7 +183,7 @@ def arm_tuner(
 def _tuner(
     loaded: LoadedSpace,
     arm_name: str,
-    sweep_dir: Path,
+    sweep_dir: SweepStore,
     trainable: Any,
     num_samples: int,
     param_space: dict[str, Any],
@@ -170,6 +194,7 @@ def _tuner(
     by `search_alg` (None: Tune's own generator, which runs each grid value once per draw)."""
     space = loaded.space
     source = space.arms[arm_name].init_from
+    storage_path, storage_filesystem = sweep_dir.ray_storage(TUNE_DIR)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -182,13 +207,15 @@ def _tuner(
         ),
         run_config=tune.RunConfig(
             name=arm_name,
-            storage_path=str(sweep_dir / "ray_tune"),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             verbose=1,
             # Tune calls callbacks in this order: the record first, which the progress line reads
             callbacks=[
                 TrialRecordCallback(sweep_dir, arm_name, None if source is None else source.arm),
                 make_progress_callback(sweep_dir, arm_name, num_samples),
                 CtrlCRelay(),
+                JournalUpload(sweep_dir, optuna_journal(arm_name)),
             ],
             progress_reporter=tune.CLIReporter(
                 metric_columns={m: m for m in space.metrics},
@@ -228,12 +255,61 @@ def asha_scheduler(loaded: LoadedSpace, arm_name: str) -> Any:
     )
 
 
+def journal_storage(sweep_dir: SweepStore, arm_name: str) -> Any:
+    """The arm's Optuna storage: a journal file in the sweep folder (this driver's mirror of it
+    on object storage), written by this driver alone."""
+    journal = sweep_dir.local / optuna_journal(arm_name)
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+
+
+class JournalUpload(tune.Callback):
+    """Uploads the arm's Optuna journal to object storage whenever it has grown (checked at
+    each step of Tune's loop, and at the end): a driver that dies loses at most the last
+    trial's `tell`, which its record still has. Nothing for a local sweep."""
+
+    def __init__(self, sweep_dir: SweepStore, journal: str) -> None:
+        self.sweep_dir = sweep_dir
+        self.journal = journal
+        self.pushed_size = -1
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        self._push()
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self._push()
+
+    def _push(self) -> None:
+        path = self.sweep_dir.local / self.journal
+        if not self.sweep_dir.remote or not path.is_file() or path.stat().st_size == self.pushed_size:
+            return
+        size = path.stat().st_size
+        self.sweep_dir.push(self.journal)
+        self.pushed_size = size
+
+
 class FailNonFiniteOptunaSearch(OptunaSearch):
-    """OptunaSearch that records a trial with NaN/missing objectives as FAIL.
+    """OptunaSearch that records a trial with NaN/missing objectives as FAIL, and that reopens
+    its journal in this driver's sweep folder when Tune restores it.
 
     Plain OptunaSearch passes NaN to `study.tell`, which Optuna 5 rejects, leaving the trial
-    RUNNING in the stored study forever.
+    RUNNING in the stored study forever. And its saved state holds the journal's path as the
+    first driver had it: a driver on another machine (a sweep on object storage has its own
+    mirror folder on each) would open a journal that is not there.
     """
+
+    sweep_uri: str | None = None
+    """The sweep's `SweepStore.uri`, set by `arm_tuner`; None in a searcher saved before it was."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        if self.sweep_uri is None or self._ot_study is None:
+            return
+        store = as_store(self.sweep_uri)
+        arm_name = self._ot_study.study_name
+        store.pull(optuna_journal(arm_name))
+        self._storage = journal_storage(store, arm_name)
+        self._ot_study = optuna.load_study(study_name=arm_name, storage=self._storage, sampler=self._sampler)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if result is not None and not error:
@@ -264,8 +340,8 @@ class TrialRecordCallback(tune.Callback):
         source_arm: A fine-tune arm's source arm (`init_from.arm`); None for other arms.
     """
 
-    def __init__(self, sweep_dir: Path, arm: str, source_arm: str | None = None) -> None:
-        self.sweep_dir = sweep_dir
+    def __init__(self, sweep_dir: SweepDir, arm: str, source_arm: str | None = None) -> None:
+        self.sweep_dir = as_store(sweep_dir)
         self.arm = arm
         self.source_arm = source_arm
         self.live: set[str] = set()

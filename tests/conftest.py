@@ -162,3 +162,12 @@ def local_ray_with_worker_hook(hook: Any) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """`host:port` of a real S3-compatible server (moto's, `tests/s3_server.py`) for this session."""
+    from s3_server import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint

@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = "acts-v1"
 
 
+def activations_dir() -> Path:
+    """The folder of the activation caches: `<cache dir>/activations` (`sparsify.embedded.cache_dir`)."""
+    return cache_dir() / "activations"
+
+
 MAX_CACHE_BYTES = 8 * 2**30
 """`auto` leaves the cache off above this size (the first run holds it in memory once)."""
 
@@ -102,7 +107,7 @@ def activation_cache(
         rank: DDP rank (each rank caches its own shard).
     """
     batches = list(token_batches)
-    path = cache_dir() / "activations" / f"{_cache_key(model, cfg, batches, rank)}.safetensors"
+    path = activations_dir() / f"{_cache_key(model, cfg, batches, rank)}.safetensors"
     cache = ActivationCache(path, list(model.sae_positions))
     if path.exists():
         logger.info("reading SAE inputs from the activation cache %s", path)

@@ -4,11 +4,9 @@ and the train log use."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,6 +18,7 @@ from sparsify import metrics
 from sparsify.config import TrainConfig
 from sparsify.data import iter_batches, shard_size
 from sparsify.sae_transformer import ForwardOutput, SAETransformer
+from sparsify.training.alive import AliveCount, count_alive, saes_in_eval_mode
 from sparsify.training.objective import LossPlan, loss_terms
 
 
@@ -151,6 +150,8 @@ class EvalResult:
     metrics: dict[str, float]
     standard_errors: dict[str, float]
     per_sequence: dict[str, list[float]]
+    alive: AliveCount | None = None
+    """Firing counts of the eval's sequences that the alive count covers, for `count_alive`."""
 
 
 @torch.no_grad()
@@ -172,21 +173,24 @@ def evaluate(
     same result. The SAEs run in eval mode (`SparseAutoencoder.eval()`: BatchTopK's threshold rule
     instead of its batch rule) and are put back in the mode they were in.
     """
+    result = evaluate_without_alive(model, cfg, tokenizer, plan, rank, world_size)
+    result.metrics.update(count_alive(model, cfg, tokenizer, rank, world_size, result.alive))
+    return result
+
+
+@torch.no_grad()
+def evaluate_without_alive(
+    model: SAETransformer,
+    cfg: TrainConfig,
+    tokenizer: Any,
+    plan: LossPlan,
+    rank: int = 0,
+    world_size: int = 1,
+) -> EvalResult:
+    """`evaluate` without the alive counts, so each part is timed: `count_alive(...,
+    result.alive)` adds them, running only the alive sequences the eval did not."""
     with saes_in_eval_mode(model):
         return _evaluate(model, cfg, tokenizer, plan, rank, world_size)
-
-
-@contextlib.contextmanager
-def saes_in_eval_mode(model: SAETransformer) -> Iterator[None]:
-    """The SAEs in eval mode inside the block (BatchTopK: the threshold rule, not the batch
-    rule), then each back in the mode it was in (a frozen pretrained SAE stays in eval mode)."""
-    modes = [(module, module.training) for module in model.saes.modules()]
-    model.saes.eval()
-    try:
-        yield
-    finally:
-        for module, was_training in modes:
-            module.training = was_training
 
 
 def _evaluate(
@@ -199,6 +203,7 @@ def _evaluate(
     acc = MeanAccumulator(device)
     sequences: dict[str, list[float]] = defaultdict(list)  # this rank's, in its reading order
     batches: list[tuple[dict[str, float], float]] = []  # this rank's per-batch values and weights
+    alive = AliveCount(model, cfg, rank, world_size)  # the eval's sequences start the alive stream
     for tokens in iter_batches(
         cfg.eval_data,
         tokenizer,
@@ -223,6 +228,7 @@ def _evaluate(
             sequences[name].extend(per_seq.tolist())
             values[name] = per_seq.mean().item()  # (the batch's L0 too: the same mean, in float64)
         acc.add(values, weight=tokens.shape[0])
+        alive.add({hook: acts.codes for hook, acts in out.sae_acts.items()})
         batches.append(({k: v for k, v in values.items() if k not in per_sequence}, tokens.shape[0]))
     means = acc.means()
     every_rank = _gather((dict(sequences), batches), world_size)
@@ -234,8 +240,7 @@ def _evaluate(
         standard_errors[name] = metrics.weighted_standard_error(
             [value for value, _ in weighted], [weight for _, weight in weighted]
         )
-    means.update(count_alive(model, cfg, tokenizer, rank, world_size))
-    return EvalResult(metrics=means, standard_errors=standard_errors, per_sequence=ordered)
+    return EvalResult(metrics=means, standard_errors=standard_errors, per_sequence=ordered, alive=alive)
 
 
 def _gather(local: Any, world_size: int) -> list[Any]:
@@ -258,39 +263,3 @@ def _in_stream_order(by_rank: list[dict[str, list[float]]]) -> dict[str, list[fl
         n = sum(map(len, columns))
         ordered[name] = [columns[i % world_size][i // world_size] for i in range(n)]
     return ordered
-
-
-@torch.no_grad()
-def count_alive(
-    model: SAETransformer, cfg: TrainConfig, tokenizer: Any, rank: int = 0, world_size: int = 1
-) -> dict[str, float]:
-    """Alive dictionary elements per position (fired at least once) over
-    `act_frequency_n_tokens` eval tokens, and their sum over positions (SAEs in eval mode)."""
-    assert cfg.eval_data is not None
-    n_ctx = cfg.eval_data.n_ctx
-    n_seqs = shard_size(math.ceil(cfg.act_frequency_n_tokens / n_ctx), rank, world_size)
-    stop = model.stop_layer_for(model.sae_positions)
-    counters = {
-        h: metrics.FiringCounter(model.sae(h).n_dict, model.model_device) for h in model.sae_positions
-    }
-    batches: Iterable[Tensor] = iter_batches(
-        cfg.eval_data,
-        tokenizer,
-        max(1, cfg.batch_size // world_size),
-        n_seqs,
-        "act_frequency_n_tokens",
-        rank,
-        world_size,
-    )
-    with saes_in_eval_mode(model):
-        for tokens in batches:
-            out = model.forward(tokens.to(model.model_device), stop_at_layer=stop)
-            for hook, acts in out.sae_acts.items():
-                counters[hook].update(acts.codes)
-    result: dict[str, float] = {}
-    for hook, counter in counters.items():
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counter.counts)
-        result[names.per_hook(names.ALIVE, hook)] = counter.alive()
-    result[names.ALIVE] = sum(result.values())
-    return result

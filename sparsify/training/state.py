@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from sparsify.errors import ConfigError, DivergedError
 from sparsify.sae_transformer import SAETransformer
 from sparsify.training.checkpoint import ResumeState, clear_final_state, save_checkpoint, save_run
 from sparsify.training.evaluation import MeanAccumulator
+from sparsify.training.phases import PhaseTimes
 from sparsify.training.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class TrainState:
     resumed one), plus this run's once `stop_clock` ran."""
     loop_start: float | None = None
     """`time.perf_counter()` when this process's training loop started; None when not running."""
+    times: PhaseTimes = field(default_factory=PhaseTimes)
+    """Wall seconds per phase (`time/...` metrics), over resumes."""
 
     def tokens_seen(self, n_ctx: int) -> int:
         return self.samples_seen * n_ctx
@@ -186,6 +189,7 @@ def train_state_json(
         "step": state.step,
         "samples_seen": state.samples_seen,
         "device_seconds": state.device_seconds_now(world_size),
+        "phase_seconds": state.times.metrics(),
         "world_size": world_size,
         "lr": optimizer.param_groups[0]["lr"],
         "window": window.to_json(),
@@ -242,6 +246,7 @@ def restore(
         group["lr"] = saved["lr"]  # the next step sets it from the schedule; the final log reads it
     state.step, state.samples_seen = saved["step"], saved["samples_seen"]
     state.device_seconds = float(saved.get("device_seconds", 0.0))  # absent before it was recorded
+    state.times.restore(saved.get("phase_seconds", {}))  # added to this attempt's model load
     window.load_json(saved["window"], model.model_device)
     logger.info("resumed from %s at step %d (%d samples)", resume.folder, state.step, state.samples_seen)
     return saved.get("wandb_run_id")

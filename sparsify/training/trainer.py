@@ -29,10 +29,11 @@ from sparsify.flops import training_flops_per_sequence
 from sparsify.losses import weighted_total
 from sparsify.sae_transformer import ForwardOutput, SAETransformer
 from sparsify.training.activation_cache import wants_activation_cache
+from sparsify.training.alive import count_alive
 from sparsify.training.batches import MicroBatch, micro_batches, per_rank_batch_size
 from sparsify.training.build import build_model, run_dir_for
 from sparsify.training.checkpoint import load_checkpoint, make_folder, save_final_state, save_run
-from sparsify.training.evaluation import batch_sae_metrics, count_alive, evaluate
+from sparsify.training.evaluation import batch_sae_metrics, evaluate_without_alive
 from sparsify.training.objective import LossPlan, loss_terms, make_loss_plan
 from sparsify.training.schedule import lr_factor
 from sparsify.training.state import (
@@ -107,17 +108,19 @@ def train(
             of DDP ranks.
         DivergedError: a NaN/inf loss, naming the step and term.
     """
-    model = build_model(cfg, tlens_model)
+    state, window, wandb_id = TrainState(), TrainWindow(), None
+    with state.times.timed(names.TIME_MODEL_LOAD_S):
+        model = build_model(cfg, tlens_model)
     plan = make_loss_plan(model, cfg.loss, compiled=cfg.compile)
     optimizer = torch.optim.Adam([p for p in model.saes.parameters() if p.requires_grad], lr=cfg.lr)
-    state, window, wandb_id = TrainState(), TrainWindow(), None
     if resume_from is not None:
         wandb_id = restore(
             load_checkpoint(resume_from, cfg), model, optimizer, state, window, cfg, world_size
         )
     # every check before anything is created: a rejected config leaves no run folder or W&B run
     per_rank_batch_size(cfg, world_size)
-    check_data_budget(cfg, model.tlens_model.tokenizer)
+    with state.times.timed(names.TIME_DATA_S):
+        check_data_budget(cfg, model.tlens_model.tokenizer)
     run_dir = run_dir_for(cfg) if rank == 0 else None
     if run_dir is not None:
         make_folder(run_dir)
@@ -126,7 +129,9 @@ def train(
     with _closed_on_failure(tracker):
         done = state.step * cfg.grad_accum_steps  # micro-batches trained on before the checkpoint
         state.start_clock()  # cost/device_seconds (an activation cache built now counts)
-        batches = micro_batches(model, cfg, rank, world_size, resumed=resume_from is not None, skip=done)
+        with state.times.timed(names.TIME_DATA_S):
+            batches = micro_batches(model, cfg, rank, world_size, resumed=resume_from is not None, skip=done)
+        state.times.start_loop()
         # closed on a crash too, so an error line is not redrawn over
         with _progress_bar(cfg, state, show=rank == 0 and show_progress) as progress:
             for micro_step, batch in enumerate(batches, start=done):
@@ -182,8 +187,14 @@ class TrainRun:
     def evaluate(self) -> dict[str, float]:
         """Eval metrics, prefixed `eval/`, and their standard errors (`eval_se/`); keeps the
         per-sequence values in `eval_per_sequence` (collective under torch.distributed)."""
-        tokenizer = self.model.tlens_model.tokenizer
-        result = evaluate(self.model, self.cfg, tokenizer, self.plan, self.rank, self.world_size)
+        tokenizer, times = self.model.tlens_model.tokenizer, self.state.times
+        with times.timed(names.TIME_EVAL_S):
+            result = evaluate_without_alive(
+                self.model, self.cfg, tokenizer, self.plan, self.rank, self.world_size
+            )
+        with times.timed(names.TIME_ALIVE_S):
+            alive = count_alive(self.model, self.cfg, tokenizer, self.rank, self.world_size, result.alive)
+        result.metrics.update(alive)
         per_sequence = names.with_prefix(names.EVAL, result.per_sequence)
         self.eval_per_sequence = {k: per_sequence[k] for k in names.KEPT_PER_SEQUENCE if k in per_sequence}
         standard_errors = {names.se_name(k): v for k, v in result.standard_errors.items()}
@@ -215,16 +226,18 @@ def end_of_step(
         run.tracker.log(eval_metrics, state.step)
     elif due.alive and cfg.eval_data is not None:  # eval counts them too
         tokenizer = run.model.tlens_model.tokenizer
-        alive = count_alive(run.model, cfg, tokenizer, run.rank, run.world_size)
+        with state.times.timed(names.TIME_ALIVE_S):
+            alive = count_alive(run.model, cfg, tokenizer, run.rank, run.world_size)
         run.tracker.log(names.with_prefix(names.EVAL, alive), state.step)
     saves = due.save and cfg.save_dir is not None
     checkpoint = None
     if saves:
-        json_state = run.checkpoint_state()
-        if run.run_dir is not None:
-            checkpoint = save_step_checkpoint(
-                run.run_dir, run.model, run.optimizer, cfg, state.step, json_state
-            )
+        with state.times.timed(names.TIME_SAVE_S):
+            json_state = run.checkpoint_state()
+            if run.run_dir is not None:
+                checkpoint = save_step_checkpoint(
+                    run.run_dir, run.model, run.optimizer, cfg, state.step, json_state
+                )
     if eval_metrics is not None or saves:
         run.report(eval_metrics or {}, checkpoint)
 
@@ -234,6 +247,7 @@ def finish(run: TrainRun) -> tuple[dict[str, float], dict[str, Any]]:
     last step. Returns (final metrics, the finished run's checkpoint state)."""
     run.window.check_finite()
     run.state.stop_clock(run.world_size, run.model.model_device)  # the final eval is not training time
+    run.state.times.stop_loop()
     # taken before the flush empties the log window: resuming the finished run gives the same metrics
     final_state = run.checkpoint_state()
     final = run.window.flush(None, run.lr, {}) if run.window.n_tokens else {}
@@ -241,6 +255,7 @@ def finish(run: TrainRun) -> tuple[dict[str, float], dict[str, Any]]:
         final.update(run.evaluate())
     final[names.prefixed(names.TRAIN, names.TOKENS_SEEN)] = run.state.tokens_seen(run.cfg.train_data.n_ctx)
     final.update(cost_metrics(run))
+    final.update(run.state.times.metrics())  # the final save, written with these metrics, not in them
     run.tracker.log(final, run.state.step)
     return final, final_state
 

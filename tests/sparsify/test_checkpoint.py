@@ -5,6 +5,7 @@ import stat
 import pytest
 
 from sparsify.atomic import atomic_write_text
+from sparsify.metric_names import TIME_METRICS
 
 
 def test_atomic_write_leaves_no_temp_file_and_shares_by_umask(tmp_path):
@@ -62,7 +63,7 @@ def test_no_code_unpickles_untrusted_files():
 
 E2E = {"sparsity": {"coeff": 0.5}, "logits_kl": {"coeff": 1.0}, "out_to_in": {"coeff": 0.0}}
 LOCAL = {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}}  # reads the activation cache on CPU
-TIMING = {"train/tokens_per_s", "cost/device_seconds"}
+TIMING = {"train/tokens_per_s", "cost/device_seconds", *TIME_METRICS}
 """Metrics that measure the clock, not the training."""
 
 

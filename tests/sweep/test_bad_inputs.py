@@ -201,7 +201,9 @@ SWEEP_CASES: list[tuple[str, Mutation, list[str]]] = [
     ("zero trials", setting("num_samples", 0), ["num_samples"]),
     ("fractional GPUs with DDP", setting("resources", {"num_workers": 2, "gpus_per_worker": 0.5}),
      ["resources", "fractional"]),
-    ("storage URI", setting("storage_path", "s3://bucket/sweeps"), ["storage_path", "URI"]),
+    # no such host: one line naming the field and the URI, before anything is loaded
+    ("unreachable storage URI", setting("storage_path", "s3://bucket/sweeps?endpoint_override=127.0.0.1:9&scheme=http"),
+     ["storage_path", "s3://bucket/sweeps/", "not writable"]),
     ("base config file missing", setting("base_config", "no_such_base.yaml"), ["no_such_base.yaml"]),
     ("unknown hook point", setting("base_config.saes.sae_positions", ["blocks.1.hook_resid_prex"]),
      ["arms.", "saes.sae_positions", "blocks.1.hook_resid_pre"]),

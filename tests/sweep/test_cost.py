@@ -7,13 +7,24 @@ from typing import Any
 
 import pytest
 
-from sparsify.metric_names import COST_DEVICE_SECONDS, COST_TRAIN_FLOPS, EVAL_CE_LOSS_INCREASE, EVAL_L0
+from sparsify.metric_names import (
+    COST_DEVICE_SECONDS,
+    COST_TRAIN_FLOPS,
+    EVAL_CE_LOSS_INCREASE,
+    EVAL_L0,
+    TIME_FIT_END_S,
+    TIME_FIT_START_S,
+    TIME_TRAIN_STEPS_S,
+    TIME_WORKER_FN_S,
+    TIME_WORKER_PROCESS_S,
+)
 from sweep.cost import (
     TOTAL_FLOPS,
     TOTAL_SECONDS,
     CostView,
     arm_costs,
     matched_l0,
+    train_time_fractions,
     trial_costs,
 )
 from sweep.pareto import frontiers
@@ -148,3 +159,54 @@ def test_a_point_costs_the_sum_of_its_replicates():
     ]
     means = replicate_means(outcomes)
     assert (means[COST_TRAIN_FLOPS], means[COST_DEVICE_SECONDS], means[EVAL_L0]) == (200.0, 5.0, 15.0)
+
+
+def _timed(arm, trial_id, wall, steps=None, device=None, status: Status = "finished"):
+    metrics = {}
+    if steps is not None:
+        metrics[TIME_TRAIN_STEPS_S] = steps
+    if device is not None:
+        metrics[COST_DEVICE_SECONDS] = device
+    return TrialRecord(arm, trial_id, status, metrics=metrics, wall_time_s=wall)
+
+
+def test_fraction_of_wall_time_in_training_steps_per_arm():
+    records = [
+        _timed("local", "l1", wall=10.0, steps=2.0, device=9.0),  # time/train_steps_s wins
+        _timed("local", "l2", wall=30.0, steps=6.0),
+        _timed("local", "l_err", wall=50.0, steps=50.0, status="error"),  # not finished: left out
+        _timed("local", "l_nowall", wall=None, steps=5.0),  # no wall time: left out
+        _timed("e2e", "e1", wall=20.0, device=5.0),  # an older record: device-seconds instead
+        _timed("e2e", "e2", wall=60.0, steps=45.0),
+        _timed("stopped_only", "s1", wall=10.0, steps=1.0, status="stopped"),
+    ]
+    rows = {row["arm"]: row for row in train_time_fractions(records).to_dict(orient="records")}
+    assert set(rows) == {"local", "e2e"}
+    # local: (2 + 6) / (10 + 30) = 0.2; e2e: (5 + 45) / (20 + 60) = 0.625
+    assert rows["local"] == {"arm": "local", "trials": 2, "train_steps_s": 8.0, "wall_time_s": 40.0,
+                             "train_fraction": 0.2, "from_device_seconds": 0}  # fmt: skip
+    assert rows["e2e"]["train_fraction"] == 0.625 and rows["e2e"]["from_device_seconds"] == 1
+
+
+def test_section_and_json_show_the_training_fraction_and_name_its_source():
+    records = [
+        FineTuned("local", "l1", "finished", metrics={COST_TRAIN_FLOPS: 100.0, COST_DEVICE_SECONDS: 9.0,
+                  TIME_TRAIN_STEPS_S: 2.0, EVAL_L0: 10.0, EVAL_CE_LOSS_INCREASE: 0.3}, wall_time_s=10.0),
+        FineTuned("e2e", "e1", "finished", metrics={COST_TRAIN_FLOPS: 300.0, COST_DEVICE_SECONDS: 5.0,
+                  EVAL_L0: 10.0, EVAL_CE_LOSS_INCREASE: 0.2}, wall_time_s=20.0),
+    ]  # fmt: skip
+    view, _ = _view(records)
+    text = view.section(markdown_table, plots=False, no_plot="-")
+    assert "### Time in training steps" in text and "`time/train_steps_s`" in text
+    assert "| local | 1 | 2 | 10 | 0.2 |" in text and "| e2e | 1 | 5 | 20 | 0.25 |" in text
+    assert "1 older trial(s) recorded no `time/train_steps_s`: they count `cost/device_seconds`" in text
+    assert [row["train_fraction"] for row in view.to_json()["train_time"]] == [0.25, 0.2]  # e2e, local
+
+
+def test_fit_times_from_wall_clock_stamps():
+    from sweep.timing import fit_times
+
+    worker = {"process_started_at": 95.0, "entered_at": 104.0, "returned_at": 150.5}
+    assert fit_times(100.0, 152.0, worker) == {
+        TIME_FIT_START_S: 4.0, TIME_WORKER_PROCESS_S: 9.0, TIME_WORKER_FN_S: 46.5, TIME_FIT_END_S: 1.5,
+    }  # fmt: skip

@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 
 import sweep.tuner
 from sparsify import train
+from sparsify.metric_names import TIME_METRICS
 from sweep.records import ERROR, read_trial_record
 from sweep.results import load_results
 from sweep.space import load_search_space
 
 SAE_WEIGHTS = "sae.safetensors"  # a run folder's SAE weights (README)
-TIMING = {"train/tokens_per_s", "cost/device_seconds"}
+TIMING = {"train/tokens_per_s", "cost/device_seconds", *TIME_METRICS}
 LOCAL = {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}}
 ONE_COEFF = {"loss.sparsity.coeff": {"type": "categorical", "values": [1.0]}}
 """OptunaSearch needs a searched parameter; one value keeps the trial known."""
