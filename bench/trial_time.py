@@ -136,6 +136,23 @@ def run(space_path: Path, arms: list[str] | None, num_samples: int, sweep_root: 
     return {"ray_start_s": ray_start_s, "arms": columns, "trials": trials, "fit_wall_s": fit_wall}
 
 
+def from_sweep(sweep_dir: str) -> dict[str, Any]:
+    """The breakdown of a sweep that already ran (a folder or an `s3://` URI), from its records
+    alone: Tune's own time per trial is not recorded there (NaN), so the total is the trial's."""
+    from sweep.results import load_records
+
+    columns = {}
+    records = [r for r in load_records(sweep_dir) if r.status == "finished" and r.init_from is None]
+    for arm in sorted({r.arm for r in records}):
+        own = [trial_breakdown(r.metrics, r.wall_time_s or math.nan) for r in records if r.arm == arm]
+        columns[arm] = arm_breakdown(own, math.nan)
+        columns[arm][TOTAL] = columns[arm][TRIAL_WALL]
+        columns[arm][FIXED] = columns[arm][TOTAL] - sum(
+            columns[arm][name] for name in (names.TIME_TRAIN_STEPS_S, names.TIME_EVAL_S, names.TIME_ALIVE_S)
+        )
+    return {"arms": columns}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Where a sweep trial's wall time goes, per arm.")
     parser.add_argument("space", nargs="?", type=Path, default=DEFAULT_SPACE, help="search-space file")
@@ -143,7 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=1, help="trials per arm (default 1)")
     parser.add_argument("--sweep-dir", type=Path, help="parent folder of the sweep (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    parser.add_argument(
+        "--from-sweep",
+        metavar="SWEEP",
+        help="print the breakdown of a sweep that already ran (its folder or URI) instead of running trials",
+    )
     args = parser.parse_args(argv)
+    if args.from_sweep:
+        print(table(from_sweep(args.from_sweep)["arms"]))
+        return 0
     arms = args.arms.split(",") if args.arms else None
     with tempfile.TemporaryDirectory(prefix="trial_time-") as tmp:
         result = run(args.space, arms, args.num_samples, args.sweep_dir or Path(tmp))

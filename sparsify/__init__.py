@@ -55,6 +55,8 @@ _EXPORTS = {
     "make_folders": "sparsify.atomic",
     "redact": "sparsify.redaction",
     "standard_error": "sparsify.metrics",
+    "cache_dir": "sparsify.embedded",
+    "activations_dir": "sparsify.training.activation_cache",
 }
 
 if TYPE_CHECKING:  # what type checkers see (and `train` is the function, not the `-m` module)
@@ -69,6 +71,7 @@ if TYPE_CHECKING:  # what type checkers see (and `train` is the function, not th
         load_config,
         validate_config,
     )
+    from sparsify.embedded import cache_dir
     from sparsify.errors import (
         ConfigError,
         DataError,
@@ -87,6 +90,7 @@ if TYPE_CHECKING:  # what type checkers see (and `train` is the function, not th
     from sparsify.sae import SAE
     from sparsify.sae_transformer import SAETransformer
     from sparsify.schema import SAFE_NAME, Seed, StrictModel, read_yaml, validate_model
+    from sparsify.training.activation_cache import activations_dir
     from sparsify.training.build import build_model, run_dir_for
     from sparsify.training.tracking import ENV_FILE, load_env_file
     from sparsify.training.trainer import TrainResult, train

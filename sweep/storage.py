@@ -32,14 +32,14 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from sparsify import SparsifyError, atomic_write_with, check_writable
-from sparsify.embedded import cache_dir
+from sparsify import SparsifyError, atomic_write_with, cache_dir, check_writable
 
 MIRRORS_DIR = "sweeps"
 """Under the cache folder (`sparsify.embedded.cache_dir`): one mirror per sweep URI."""
@@ -148,15 +148,21 @@ class SweepStore:
             return
         self._put(self.remote_path(rel), (self.local / rel).read_bytes())
 
-    def push_tree(self, rel: str | os.PathLike[str], local_root: Path | None = None) -> None:
-        """Upload every file under the folder `local / rel` (or `local_root`) whose remote copy
-        is missing or of another size or age, each as one whole object (nothing for a local
-        sweep). Names starting with "." (temp files of an interrupted write) are skipped."""
+    def push_tree(
+        self,
+        rel: str | os.PathLike[str],
+        local_root: Path | None = None,
+        only: Collection[Path] | None = None,
+    ) -> None:
+        """Upload every file under the folder `local / rel` (or `local_root`; with `only`, those
+        of its files) whose remote copy is missing or of another size or age, each as one whole
+        object (nothing for a local sweep). Names starting with "." (temp files of an
+        interrupted write) are skipped."""
         if not self.remote:
             return
         root = self.local / rel if local_root is None else local_root
         remote = self._listing(rel)
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and (only is None or p in only)):
             inner = path.relative_to(root)
             if any(part.startswith(".") for part in inner.parts):
                 continue

@@ -45,16 +45,16 @@ from sparsify import (
     DivergedError,
     SparsifyError,
     TrainConfig,
+    activations_dir,
     load_env_file,
     quiet_library_progress_bars,
     redact,
+    run_dir_for,
     standard_error,
     train,
     validate_config,
 )
 from sparsify import metric_names as names
-from sparsify.training.activation_cache import activations_dir
-from sparsify.training.build import run_dir_for
 from sweep.init_from import INIT_FROM_KEY, FineTuneStart, fine_tune_config, fine_tune_start
 from sweep.records import (
     DIVERGED,
@@ -117,17 +117,24 @@ ACTIVATION_CACHE_DIR = "activation_cache"
 (`sparsify.training.activation_cache`), shared by every node."""
 
 
-def _fetch_inputs(store: SweepStore, cfg: TrainConfig) -> None:
+def _fetch_inputs(store: SweepStore, cfg: TrainConfig) -> set[Path]:
     """On object storage, before a worker trains: fetch into this node's mirror the run
     folders of the SAEs it starts from (a fine-tune's source), and the sweep's activation
-    caches into this node's cache folder when the trial's loss is local."""
+    caches into this node's cache folder when the trial's loss is local.
+
+    Returns:
+        The activation cache files this node had then (`_push_outputs` uploads only newer ones:
+        the folder may hold other sweeps' caches).
+    """
     if not store.remote:
-        return
+        return set()
     for path in cfg.saes.pretrained_sae_paths or []:
         if Path(path).is_relative_to(store.local):
             store.pull_tree(Path(path).relative_to(store.local), delete=False)
-    if _may_use_activation_cache(cfg):
-        store.pull_tree(ACTIVATION_CACHE_DIR, delete=False, local_root=activations_dir())
+    if not _may_use_activation_cache(cfg):
+        return set()
+    store.pull_tree(ACTIVATION_CACHE_DIR, delete=False, local_root=activations_dir())
+    return set(activations_dir().glob("*")) if activations_dir().is_dir() else set()
 
 
 def _may_use_activation_cache(cfg: TrainConfig) -> bool:
@@ -165,7 +172,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     quiet_library_progress_bars()
     load_env_file(config["env_file"])  # on a cluster node started by `ray start`, not our shell
     cfg = TrainConfig.model_validate(config["train_config"])
-    _fetch_inputs(store, cfg)
+    cached_before = _fetch_inputs(store, cfg)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
@@ -182,7 +189,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
                 resume_from=resume_from,
             )
     except DivergedError as exc:
-        _push_outputs(store, cfg, rank)
+        _push_outputs(store, cfg, rank, cached_before)
         return {"status": DIVERGED, "error": str(exc)}
     except SparsifyError as exc:
         if exc.transient:
@@ -194,14 +201,14 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             raise
         # the same config would fail the same way: end the trial now, one line, no retries
         return {"status": ERROR, "error": str(exc)}
-    _push_outputs(store, cfg, rank)
+    _push_outputs(store, cfg, rank, cached_before)
     worker = {"process_started_at": psutil.Process().create_time(), "entered_at": entered_at,
               "returned_at": time.time()}  # fmt: skip
     return {"status": FINISHED, "metrics": result.metrics, "eval_per_sequence": result.eval_per_sequence,
             "worker_clock": worker}  # fmt: skip
 
 
-def _push_outputs(store: SweepStore, cfg: TrainConfig, rank: int) -> None:
+def _push_outputs(store: SweepStore, cfg: TrainConfig, rank: int, cached_before: set[Path]) -> None:
     """On object storage, after a training ended: rank 0 uploads its run folder, and every rank
     the activation caches it wrote (the trial's record, pushed after this, marks the folder
     complete)."""
@@ -211,7 +218,9 @@ def _push_outputs(store: SweepStore, cfg: TrainConfig, rank: int) -> None:
     if rank == 0 and run_dir is not None and run_dir.is_relative_to(store.local) and run_dir.is_dir():
         store.push_tree(run_dir.relative_to(store.local))
     if _may_use_activation_cache(cfg) and activations_dir().is_dir():
-        store.push_tree(ACTIVATION_CACHE_DIR, local_root=activations_dir())
+        built = set(activations_dir().glob("*")) - cached_before
+        if built:
+            store.push_tree(ACTIVATION_CACHE_DIR, local_root=activations_dir(), only=built)
 
 
 @contextmanager

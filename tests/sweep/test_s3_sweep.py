@@ -8,8 +8,10 @@ the bucket."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pyarrow.fs
@@ -21,6 +23,14 @@ from s3_server import S3_ENV, bucket_uri
 from sparsify import metric_names as names
 from sweep.results import load_results
 from sweep.run import main as run_main
+
+
+def bucket_names(uri: str) -> list[str]:
+    """The objects under a sweep's URI, by path relative to it (names only: Ray deletes old
+    checkpoints while a sweep runs)."""
+    fs, base = pyarrow.fs.FileSystem.from_uri(uri)
+    selector = pyarrow.fs.FileSelector(base, recursive=True, allow_not_found=True)
+    return [i.path[len(base) + 1 :] for i in fs.get_file_info(selector) if i.type == pyarrow.fs.FileType.File]
 
 
 def bucket_files(uri: str) -> dict[str, bytes]:
@@ -136,3 +146,123 @@ def test_sweep_on_s3_keeps_everything_in_the_bucket_and_resumes_from_it(
     assert again["report/report.md"] == files["report/report.md"]
     assert again["report/verdict.json"] == files["report/verdict.json"]
     assert os.listdir(s3_ray / "sweeps")  # the rerun read the bucket into a new mirror
+
+
+@pytest.mark.slow
+def test_killed_sweep_on_s3_resumes_on_a_fresh_driver_like_an_uninterrupted_one(
+    s3_endpoint, tiny_model_dir, corpus_dir, tmp_path, monkeypatch
+):
+    """The driver (a subprocess, with its own local Ray) is SIGKILLed while a trial is mid-run
+    with a checkpoint on the bucket; a second driver with an empty cache and an empty HOME
+    resumes from the bucket alone. Its trials and frontier equal those of the same sweep run
+    without a kill (under another name). Several minutes on 2 CPU cores."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import uuid
+
+    import pandas as pd
+    from conftest import PROCESS_TAG, tagged_processes
+
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    storage = bucket_uri(s3_endpoint, "resume-test")
+    base = checkpointed_sweep_base(tiny_model_dir, corpus_dir, tmp_path)
+    base["n_samples"] = 256  # 16 steps, a checkpoint every 2: long enough to be killed mid-run
+    space = {
+        "num_samples": 3,
+        "sampler": "grid",
+        "storage_path": storage,
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "base_config": base,
+        "arms": {
+            "local": {
+                "loss": {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}},
+                "search": {"loss.sparsity.coeff": {"type": "categorical", "values": [0.05, 0.3, 2.0]}},
+            }
+        },
+    }
+    tag = uuid.uuid4().hex
+    repo = Path(__file__).parents[2]
+
+    def driver(name: str, home: Path) -> list:
+        """The command and environment of a driver on a machine whose disk is `home`."""
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, **space}))
+        home.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(S3_ENV, HOME=str(home), SPARSIFY_CACHE=str(home / "cache"), PYTHONUNBUFFERED="1")
+        env.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"), **{PROCESS_TAG: tag})
+        return [[sys.executable, "-m", "sweep.run", str(path)], env]
+
+    def sweep_uri(name: str) -> str:
+        return storage.replace("/sweeps?", f"/sweeps/{name}?")
+
+    def mid_run(name: str) -> bool:
+        """A trial has a checkpoint on the bucket and no record yet."""
+        files = bucket_names(sweep_uri(name))
+        recorded = {Path(n).stem for n in files if n.startswith("trials/")}
+        return any(
+            n.split("/")[1].removeprefix("train_") not in recorded
+            for n in files
+            if n.startswith("ray_train/") and "/checkpoint_" in n
+        )
+
+    try:
+        command, env = driver("killed", tmp_path / "machine_a")
+        log = (tmp_path / "killed.log").open("w")
+        first = subprocess.Popen(
+            command, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 900
+        while not (
+            len([n for n in bucket_names(sweep_uri("killed")) if n.startswith("trials/")]) >= 1
+            and mid_run("killed")
+        ):
+            assert first.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial ended, then checkpointed, in 15 minutes"
+            time.sleep(0.5)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        before = load_results(sweep_uri("killed"))
+        assert 1 <= len(before) < 3
+
+        command, env = driver("killed", tmp_path / "machine_b")  # same sweep, a fresh disk
+        resumed = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+        assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+        command, env = driver("undisturbed", tmp_path / "machine_c")
+        undisturbed = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+        assert undisturbed.returncode == 0, undisturbed.stdout[-4000:] + undisturbed.stderr[-4000:]
+    finally:
+        for pid in tagged_processes(tag):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def by_point(name: str) -> pd.DataFrame:
+        table = load_results(sweep_uri(name))
+        columns = [
+            "param:loss.sparsity.coeff",
+            "status",
+            names.EVAL_L0,
+            names.EVAL_CE_LOSS_INCREASE,
+            "eval/mse",
+        ]
+        return table[[c for c in columns if c in table]].sort_values(columns[0]).reset_index(drop=True)
+
+    after, expected = by_point("killed"), by_point("undisturbed")
+    print("resumed:\n", after, "\nundisturbed:\n", expected)
+    assert len(after) == 3 and (after["status"] == "finished").all()
+    pd.testing.assert_frame_equal(after, expected, rtol=1e-5)
+    # the trials that had ended before the kill are kept as they were
+    kept = load_results(sweep_uri("killed")).set_index("trial_id").loc[before["trial_id"]]
+    assert kept["wall_time_s"].tolist() == before["wall_time_s"].tolist()
+    # the report (built from the bucket by the fresh driver) has the same frontier
+    frontier = {
+        name: bucket_files(sweep_uri(name))["report/frontier_local.csv"] for name in ("killed", "undisturbed")
+    }
+    tables = {name: pd.read_csv(io.BytesIO(data)) for name, data in frontier.items()}
+    shown = ["param:loss.sparsity.coeff", names.EVAL_L0, names.EVAL_CE_LOSS_INCREASE]
+    pd.testing.assert_frame_equal(tables["killed"][shown], tables["undisturbed"][shown], rtol=1e-5)
