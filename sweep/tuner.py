@@ -204,9 +204,8 @@ def _tuner(
             num_samples=tune_samples,
             max_concurrent_trials=space.max_concurrent_trials,
             trial_dirname_creator=lambda trial: f"{arm_name}_{trial.trial_id}",
-            # the next trial runs in the same trial actor: no new process, no second import of
-            # torch and Ray Train (seconds per trial; bench/trial_time.py)
-            reuse_actors=True,
+            # no reuse_actors: a trial ASHA stops is ended by killing its actor, which ends its
+            # Ray Train run; a reused actor would keep that run going beside the next trial
         ),
         run_config=tune.RunConfig(
             name=arm_name,

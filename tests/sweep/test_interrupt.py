@@ -39,6 +39,7 @@ from sweep.records import (
 )
 from sweep.results import load_results
 from sweep.space import load_search_space
+from sweep.storage import as_store
 
 ARM = "local"
 REPO = Path(__file__).resolve().parents[2]
@@ -295,7 +296,7 @@ def test_a_record_callback_pickled_before_it_tracked_live_trials_still_works(tmp
     old = TrialRecordCallback(tmp_path, ARM)
     del old.live
     restored = pickle.loads(pickle.dumps(old))
-    assert restored.live == set() and restored.arm == ARM and restored.sweep_dir == tmp_path
+    assert restored.live == set() and restored.arm == ARM and restored.sweep_dir == as_store(tmp_path)
 
 
 def test_main_prints_the_line_and_exits_130_when_a_sweep_is_interrupted(

@@ -93,6 +93,7 @@ def s3_ray(tmp_path, monkeypatch, s3_endpoint):
     ray.shutdown()
 
 
+@pytest.mark.slow  # 2-3 minutes on 2 cores; the default suite keeps test_storage.py's S3 checks
 def test_sweep_on_s3_keeps_everything_in_the_bucket_and_resumes_from_it(
     s3_ray, s3_endpoint, tiny_model_dir, corpus_dir, tmp_path, capsys
 ):
