@@ -153,7 +153,10 @@ def test_uri_storage_and_zero_trials_are_one_line_errors(tmp_path, capsys):
     assert run_main([str(path), "--num-samples", "0"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {path}: --num-samples: must be >= 1 (got 0)"
     # a URI is storage like a folder (sweep.storage): one that cannot be reached is one line
-    assert run_main([str(path), "--storage", "s3://bucket/sweeps?endpoint_override=127.0.0.1:9&scheme=http"]) == 2
+    assert (
+        run_main([str(path), "--storage", "s3://bucket/sweeps?endpoint_override=127.0.0.1:9&scheme=http"])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {path}: --storage: s3://bucket/sweeps/") and "\n" not in err, err
 
